@@ -1,0 +1,14 @@
+"""Reference ``fp8_quantize_weight``: one amax/448 scale per 128x128 tile (partial tiles too)."""
+import torch
+
+from ._fp8 import FP8_MAX, expand_scale
+
+
+def fp8_quantize_weight(w, *, block=128):
+    # the contract defines quantization in fp32, in the float64 evaluation too
+    N, K = w.shape
+    nb, kb = -(-N // block), -(-K // block)
+    tiles = torch.nn.functional.pad(w.float().abs(), (0, kb * block - K, 0, nb * block - N))
+    s = tiles.view(nb, block, kb, block).amax(dim=(1, 3)).clamp_min(1e-4) / FP8_MAX
+    q = (w.float() / expand_scale(s, N, K, block, block)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return q, s.to(torch.float32)

@@ -1,0 +1,31 @@
+"""Reference ``lightning_indexer``: weighted ReLU scores, visibility mask, stable top-k, -1 tail."""
+import torch
+
+from ._precision import acc
+
+
+def lightning_indexer(q, k, weights, *, top_k, causal=True, q_offset=None, k_lengths=None, q_scale=None,
+                      k_scale=None):
+    B, S, Hi, D = q.shape
+    L = k.shape[1]
+    qf, kf = q.to(acc()), k.to(acc())
+    if q_scale is not None:
+        qf, kf = qf * q_scale.to(acc())[..., None], kf * k_scale.to(acc())[..., None]
+    logits = torch.einsum("bthd,bsd->bths", qf, kf)
+    score = (weights.to(acc())[..., None] * torch.relu(logits)).sum(2)            # [B, S, L]
+    lengths = torch.full((B,), L, dtype=torch.int64) if k_lengths is None else k_lengths.long()
+    offset = lengths - S if q_offset is None else q_offset.long()
+    s_pos, t_pos = torch.arange(L), torch.arange(S)
+    visible = s_pos[None, None, :] < lengths[:, None, None]
+    if causal:
+        visible = visible & (s_pos[None, None, :] <= offset[:, None, None] + t_pos[None, :, None])
+    score = torch.where(torch.isnan(score), float("-inf"), score)
+    by_score = torch.sort(score, dim=-1, descending=True, stable=True).indices
+    vis_in_order = visible.gather(-1, by_score)
+    order = by_score.gather(-1, torch.sort(vis_in_order.to(torch.int8), dim=-1, descending=True, stable=True).indices)
+    n_visible = visible.sum(-1, keepdim=True)
+    out = torch.full((B, S, top_k), -1, dtype=torch.int32)
+    n = min(top_k, L)
+    picked = order[..., :n]
+    out[..., :n] = torch.where(torch.arange(n) < n_visible, picked, -1).to(torch.int32)
+    return out

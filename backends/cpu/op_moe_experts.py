@@ -1,0 +1,28 @@
+"""Reference ``moe_experts``: per expert, SwiGLU FFN on its rows of the plan."""
+import torch
+
+from ._fp8 import dequantize_weight, quantize_groups, dequantize_activation
+from ._precision import acc, rounded
+
+
+def _matmul(x, w, w_scale):
+    """x [n, K] (activation dtype) @ w.T, w [N, K] bf16 or e4m3 with 128x128 block scales."""
+    if w_scale is None:
+        return x.to(acc()) @ w.to(acc()).T
+    xq, xs = quantize_groups(x, 128)
+    return dequantize_activation(xq, xs) @ dequantize_weight(w, w_scale).T
+
+
+def moe_experts(plan, w_gate_up, w_down, *, activation="silu", w_gate_up_scale=None, w_down_scale=None):
+    dtype = plan.hidden.dtype
+    out = torch.zeros(plan.hidden.shape, dtype=acc())
+    for e in range(plan.num_experts):
+        start, n = int(plan.offsets[e]), int(plan.tokens_per_expert[e])
+        if n == 0:
+            continue
+        x = plan.hidden[start:start + n]
+        h = rounded(_matmul(x, w_gate_up[e], None if w_gate_up_scale is None else w_gate_up_scale[e]), dtype)
+        g, u = h.to(acc()).chunk(2, dim=-1)
+        a = rounded(torch.nn.functional.silu(g) * u, dtype)
+        out[start:start + n] = _matmul(a, w_down[e], None if w_down_scale is None else w_down_scale[e])
+    return rounded(out, dtype)

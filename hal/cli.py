@@ -1,0 +1,63 @@
+"""The ``hal`` command line. Subcommands live in ``hal/commands/<name>.py`` and load lazily.
+
+Exit codes (every command): 0 success; 1 the command ran and found a failure (a conformance FAIL
+or ERROR, a failed check); 2 usage error (bad option or argument, click's convention);
+3 a named backend is unavailable, broken, incompatible or unknown; 4 bad input data (a model
+directory, a checkpoint, a prompt the model cannot take).
+"""
+from __future__ import annotations
+
+import importlib
+
+import click
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BACKEND, EXIT_INPUT = 0, 1, 2, 3, 4
+
+# command name -> "module:attribute"; loaded only when the command runs (or for --help listings)
+COMMANDS = {
+    "backends": "hal.commands.backends:backends",
+    "ops": "hal.commands.ops:ops",
+    "doctor": "hal.commands.doctor:doctor",
+    "run": "hal.commands.run:run",
+    "conformance": "hal.commands.conformance:conformance",
+    "bench": "hal.commands.bench:bench",
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(COMMANDS)
+
+    def get_command(self, ctx, name):
+        target = COMMANDS.get(name)
+        if target is None:
+            return None
+        module, attr = target.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="hal", prog_name="hal", message="%(prog)s %(version)s (contract "
+                      + __import__("hal").CONTRACT_VERSION + ")")
+def cli():
+    """HAL: one operator contract for MoE LLM inference, many backends.
+
+    \b
+    Start here:
+      hal backends            which backends are installed, and why each is (un)available
+      hal ops                 the operator contract: every op, its signature and meaning
+      hal run                 generate with a model (default: tiny-glm5 on the best backend)
+      hal conformance -b cpu  certify a backend against the reference
+      hal bench overhead      per-call dispatch overhead
+
+    Every command takes --json for machine-readable output. Exit codes: 0 ok, 1 a check failed,
+    2 usage error, 3 backend unavailable, 4 bad input data.
+    """
+
+
+def main() -> None:
+    cli(prog_name="hal")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""One module per ``hal`` subcommand (see ``hal.cli.COMMANDS``)."""

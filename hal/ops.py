@@ -1,0 +1,82 @@
+"""``hal.ops.<op>(...)``: contract ops that dispatch on the device of their tensor inputs.
+
+CPU tensors run on the reference backend; tensors on another device type run on the best
+available backend for that device type ("cuda" -> hal-cuda, "npu" -> hal-ascend). The runtime for
+each device type is resolved once and cached; a device type no installed backend serves runs on
+the CPU reference with a warning (the fallback is recorded in ``hal.ops.runtime_for(device).plan()``).
+"""
+from __future__ import annotations
+
+import functools
+import threading
+import warnings
+
+import torch
+
+from hal.contract import CONTRACT
+from hal.errors import BackendUnavailable
+
+_runtimes: dict = {}
+_lock = threading.Lock()
+
+
+def runtime_for(device_type: str):
+    """The cached :class:`hal.Runtime` that serves tensors of ``device_type``."""
+    rt = _runtimes.get(device_type)
+    if rt is not None:
+        return rt
+    from hal.registry import get_registry
+    from hal.runtime import Runtime
+    with _lock:
+        if device_type in _runtimes:
+            return _runtimes[device_type]
+        reg = get_registry()
+        if device_type == "cpu":
+            rec = reg.record("cpu")
+            if rec.status != "available":
+                raise BackendUnavailable("cpu", rec.status, rec.reason)
+        else:
+            try:
+                rec = reg.best(device_type)
+            except BackendUnavailable as exc:
+                warnings.warn(f"hal.ops: no backend serves {device_type!r} tensors ({exc.reason}); "
+                              "ops on them run on the CPU reference", RuntimeWarning, stacklevel=3)
+                rec = reg.record("cpu")
+        _runtimes[device_type] = Runtime(rec)
+        return _runtimes[device_type]
+
+
+def _reset() -> None:
+    with _lock:
+        _runtimes.clear()
+
+
+def _first_device_type(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return x.device.type
+    return x.hidden.device.type  # DispatchPlan (validated by the bound op)
+
+
+def _make(name: str):
+    spec = CONTRACT[name]
+    first = next(iter(spec.signature.parameters))
+
+    def dispatch(*args, **kwargs):
+        x = args[0] if args else kwargs[first]
+        try:
+            dev = _first_device_type(x)
+        except AttributeError:
+            dev = "cpu"  # not a tensor: the bound op's validation names the argument
+        return getattr(runtime_for(dev), name)(*args, **kwargs)
+
+    # the module-level function carries the contract's signature and docstring
+    functools.update_wrapper(dispatch, spec.validate)
+    dispatch.__signature__ = spec.signature
+    dispatch.__module__ = __name__
+    return dispatch
+
+
+for _name in CONTRACT:
+    globals()[_name] = _make(_name)
+
+__all__ = ["runtime_for", *CONTRACT]

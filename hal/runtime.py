@@ -1,0 +1,250 @@
+"""The runtime: every contract op bound to one kernel, once.
+
+``hal.runtime(backend="auto", fallback="reference", profile=False)`` resolves, for each op of the
+contract, which kernel runs it (the backend's native or emulated kernel, or the CPU reference as a
+recorded fallback) and returns a :class:`Runtime` whose attributes are the ops::
+
+    rt = hal.runtime("cuda")
+    y = rt.fp8_gemm(a, a_scale, b, b_scale)
+    print(rt.plan_table())
+
+Per call, a bound op validates its arguments against the contract and calls the kernel; nothing
+is looked up per call. Ops whose capability declares a ``supports(...)`` rule check it per call
+and fall back (recorded) or raise according to the policy.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import os
+import time
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+
+from hal.contract import CONTRACT, DispatchPlan, OpSpec
+from hal.errors import BackendUnavailable, UnsupportedCase
+from hal.registry import BackendRecord, Registry, get_registry
+
+FALLBACKS = ("reference", "error")
+AUTO_ORDER_DOC = "the available backend with the highest priority (cuda 30, ascend 20, cpu 0)"
+
+
+@dataclasses.dataclass
+class PlanEntry:
+    """How one op runs in a runtime: which backend, which path, and why."""
+
+    op: str
+    backend: str
+    path: str            # "native" | "emulated" | "fallback"
+    reason: str
+    label: str = ""      # the backend's run label, e.g. "cuda (Triton interpreter, no GPU)"
+    calls: int = 0
+    total_s: float = 0.0
+    fallback_calls: int = 0
+    fallback_reason: str = ""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _to_device(obj, device):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, DispatchPlan):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to_device(o, device) for o in obj)
+    return obj
+
+
+def _device_of(args: tuple, kwargs: dict) -> torch.device:
+    for a in (*args, *kwargs.values()):
+        if isinstance(a, torch.Tensor):
+            return a.device
+        if isinstance(a, DispatchPlan):
+            return a.hidden.device
+    return torch.device("cpu")
+
+
+def reference_on_cpu(kernel: Callable) -> Callable:
+    """Wrap a reference kernel so it takes tensors on any device: moved to the CPU and back."""
+
+    def run(*args, **kwargs):
+        device = _device_of(args, kwargs)
+        if device.type == "cpu":
+            return kernel(*args, **kwargs)
+        out = kernel(*_to_device(args, "cpu"), **{k: _to_device(v, "cpu") for k, v in kwargs.items()})
+        return _to_device(out, device)
+
+    return run
+
+
+def _sync(device: torch.device) -> None:
+    if device.type != "cpu":
+        acc = getattr(torch, "accelerator", None)
+        if acc is not None and hasattr(acc, "synchronize"):
+            acc.synchronize()
+
+
+def make_bound_op(spec: OpSpec, kernel: Callable, *, supports: Optional[Callable] = None,
+                  fallback: Optional[Callable] = None, entry: Optional[PlanEntry] = None,
+                  profile: bool = False, backend_name: str = "") -> Callable:
+    """Build ``spec.name(...)`` with the op's exact signature: validate, then call ``kernel``.
+
+    The function is generated once (so ``help(rt.moe_route)`` shows the contract signature and
+    docstring) and passes every argument explicitly, so kernels never depend on defaults.
+    """
+    sig = spec.signature
+    params = list(sig.parameters.values())
+    call = ", ".join(p.name if p.kind is p.POSITIONAL_OR_KEYWORD else f"{p.name}={p.name}" for p in params)
+    header = str(sig.replace(return_annotation=inspect.Signature.empty))
+    env: dict[str, Any] = {"_validate": spec.validate, "_kernel": kernel, "_supports": supports,
+                           "_fallback": fallback, "_entry": entry, "_perf": time.perf_counter,
+                           "_sync": _sync, "_device_of": _device_of, "_Unsupported": UnsupportedCase,
+                           "_backend": backend_name, "_op": spec.name, "_warn": _warn_once}
+    for p in params:
+        if p.default is not inspect.Parameter.empty:
+            env[f"_d_{p.name}"] = p.default
+    header = "(" + ", ".join(
+        ("*, " if p.kind is p.KEYWORD_ONLY and (i == 0 or params[i - 1].kind is not p.KEYWORD_ONLY) else "")
+        + p.name + (f"=_d_{p.name}" if p.default is not inspect.Parameter.empty else "")
+        for i, p in enumerate(params)) + ")"
+    body = [f"    _validate({call})"]
+    run = f"_kernel({call})"
+    if supports is not None:
+        body.append(f"    _why = _supports({call})")
+        body.append("    if _why is not None:")
+        body.append("        if _fallback is None:")
+        body.append("            raise _Unsupported(_op, _backend, _why)")
+        body.append("        _entry.fallback_calls += 1")
+        body.append("        _entry.fallback_reason = _why")
+        body.append("        _warn(_op, _backend, _why)")
+        body.append(f"        return _fallback({call})")
+    if profile:
+        body.append(f"    _dev = _device_of(({call.split(',')[0].split('=')[-1]},), {{}})")
+        body.append("    _t0 = _perf()")
+        body.append(f"    _out = {run}")
+        body.append("    _sync(_dev)")
+        body.append("    _entry.calls += 1")
+        body.append("    _entry.total_s += _perf() - _t0")
+        body.append("    return _out")
+    else:
+        body.append(f"    return {run}")
+    src = f"def {spec.name}{header}:\n" + "\n".join(body) + "\n"
+    exec(compile(src, f"<hal bound op {spec.name}>", "exec"), env)  # noqa: S102 - generated from the spec
+    fn = env[spec.name]
+    fn.__doc__ = spec.doc
+    fn.__signature__ = sig
+    fn.__qualname__ = spec.name
+    return fn
+
+
+_warned: set = set()
+
+
+def _warn_once(op: str, backend: str, why: str) -> None:
+    key = (op, backend, why)
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"hal: {op} on backend {backend!r} fell back to the CPU reference: {why}", RuntimeWarning,
+                      stacklevel=3)
+
+
+class Runtime:
+    """Contract ops bound to kernels. Build with :func:`hal.runtime`; call ops as attributes."""
+
+    def __init__(self, record: BackendRecord, *, fallback: str = "reference", profile: bool = False,
+                 registry: Optional[Registry] = None):
+        if fallback not in FALLBACKS:
+            raise ValueError(f"hal.runtime: fallback: expected one of {FALLBACKS}, got {fallback!r}")
+        self.backend_name = record.name
+        self.label = record.label
+        self.device_type = record.backend.device_type
+        self.fallback = fallback
+        self.profile = profile
+        self.record = record
+        self._entries: dict[str, PlanEntry] = {}
+        backend = record.backend
+        kernels = backend.kernels()
+        caps = dict(backend.capabilities())
+        reference = None
+        if fallback == "reference" and record.name != "cpu":
+            reference = (registry or get_registry()).get("cpu").kernels()
+        missing = [op for op in CONTRACT if op not in kernels or op not in caps]
+        if missing and fallback == "error":
+            raise UnsupportedCase(missing[0], record.name,
+                                  f"the backend does not implement {', '.join(missing)} and fallback='error'")
+        for name, spec in CONTRACT.items():
+            if name in kernels and name in caps:
+                cap = caps[name]
+                entry = PlanEntry(name, record.name, cap.path, cap.note or f"{cap.path} kernel", record.label)
+                fb = reference_on_cpu(reference[name]) if reference is not None else None
+                fn = make_bound_op(spec, kernels[name], supports=cap.supports, fallback=fb, entry=entry,
+                                   profile=profile, backend_name=record.name)
+            else:
+                entry = PlanEntry(name, "cpu", "fallback", f"backend {record.name!r} does not implement {name}; "
+                                  "running the CPU reference (tensors moved to the CPU and back)", "cpu (reference)")
+                warnings.warn(f"hal: backend {record.name!r} does not implement {name}: it runs on the CPU reference",
+                              RuntimeWarning, stacklevel=3)
+                fn = make_bound_op(spec, reference_on_cpu(reference[name]), entry=entry, profile=profile,
+                                   backend_name="cpu")
+            self._entries[name] = entry
+            setattr(self, name, fn)
+
+    def plan(self) -> list[PlanEntry]:
+        """op -> backend, path (native / emulated / fallback), reason, and (with profile) calls/time."""
+        return list(self._entries.values())
+
+    def plan_dict(self) -> list[dict]:
+        return [e.to_dict() for e in self._entries.values()]
+
+    def plan_table(self, with_stats: Optional[bool] = None) -> str:
+        """The plan as an aligned text table (with calls and time when profiling)."""
+        stats = self.profile if with_stats is None else with_stats
+        rows = [("op", "backend", "path", "calls", "time_ms", "reason") if stats else ("op", "backend", "path", "reason")]
+        for e in self._entries.values():
+            path = e.path + (f" (+{e.fallback_calls} fallback)" if e.fallback_calls else "")
+            reason = e.reason + (f"; fallback: {e.fallback_reason}" if e.fallback_reason else "")
+            rows.append((e.op, e.label or e.backend, path, str(e.calls), f"{e.total_s * 1e3:.3f}", reason) if stats
+                        else (e.op, e.label or e.backend, path, reason))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:-1], widths)) + "  " + r[-1] for r in rows)
+
+    def reset_stats(self) -> None:
+        for e in self._entries.values():
+            e.calls, e.total_s, e.fallback_calls, e.fallback_reason = 0, 0.0, 0, ""
+
+    def __repr__(self) -> str:
+        return f"<hal Runtime backend={self.backend_name!r} label={self.label!r} fallback={self.fallback!r}>"
+
+
+def resolve(backend: str = "auto", registry: Optional[Registry] = None) -> BackendRecord:
+    """The record of the backend a runtime would use: by name, or ``"auto"`` (``HAL_BACKEND``
+    overrides; otherwise the highest-priority available backend). A named backend that is
+    unknown, broken, incompatible or unavailable raises :class:`hal.BackendUnavailable`."""
+    reg = registry or get_registry()
+    if backend == "auto":
+        env = os.environ.get("HAL_BACKEND", "").strip()
+        if env and env != "auto":
+            backend = env
+        else:
+            return reg.best()
+    rec = reg.record(backend)
+    if rec.status != "available":
+        raise BackendUnavailable(backend, rec.status, rec.reason)
+    return rec
+
+
+def runtime(backend: str = "auto", *, fallback: str = "reference", profile: bool = False,
+            registry: Optional[Registry] = None) -> Runtime:
+    """Bind every contract op to a kernel of ``backend`` once; return the :class:`Runtime`.
+
+    backend: a backend name ("cpu", "cuda", "ascend", a plugin's name) or "auto" (``HAL_BACKEND``
+    if set, else the available backend with the highest priority: cuda 30, ascend 20, cpu 0). fallback: "reference" runs ops the backend lacks (or declines
+    per call) on the CPU reference, recorded in the plan and warned about; "error" makes a missing
+    op a :class:`hal.UnsupportedCase` at bind time and a declined call one at call time.
+    profile: count calls and time them (synchronizing the device after each call).
+    """
+    return Runtime(resolve(backend, registry), fallback=fallback, profile=profile, registry=registry)

@@ -6,7 +6,7 @@ Public API (nothing else is public):
 - :mod:`hal.ops`: contract ops that dispatch on their tensors' device type.
 - ``torch.ops.hal.<op>``: the same ops as torch.library custom ops (torch.compile-able).
 - :data:`CONTRACT` (op name -> :class:`OpSpec`), :data:`CONTRACT_VERSION`, :class:`DispatchPlan`.
-- :func:`backends` -> the discovered backends with their status; :class:`Backend`,
+- :func:`list_backends` -> the discovered backends with their status; :class:`Backend`,
   :class:`Availability`, :class:`OpCapability`, :data:`hookimpl` for writing plugins.
 - Errors: :class:`ContractError`, :class:`BackendUnavailable`, :class:`UnsupportedCase`.
 
@@ -26,14 +26,14 @@ from hal import ops  # noqa: E402  (module-level dispatching ops)
 from hal import torch_ops as _torch_ops  # noqa: E402,F401  registers torch.ops.hal.*
 
 
-def backends():
+def list_backends():
     """Every discovered backend plugin as a :class:`hal.registry.BackendRecord` (probed)."""
     from hal.registry import get_registry
     return get_registry().records()
 
 
 __all__ = [
-    "__version__", "runtime", "Runtime", "PlanEntry", "ops", "backends",
+    "__version__", "runtime", "Runtime", "PlanEntry", "ops", "list_backends",
     "CONTRACT", "CONTRACT_VERSION", "OP_NAMES", "OpSpec", "DispatchPlan",
     "FloatBudget", "SelectionBudget", "ExactBudget", "checked_mode", "set_checked",
     "Backend", "Availability", "OpCapability", "hookimpl",

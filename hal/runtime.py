@@ -90,7 +90,7 @@ def _sync(device: torch.device) -> None:
 
 def make_bound_op(spec: OpSpec, kernel: Callable, *, supports: Optional[Callable] = None,
                   fallback: Optional[Callable] = None, entry: Optional[PlanEntry] = None,
-                  profile: bool = False, backend_name: str = "") -> Callable:
+                  profile: bool = False, backend_name: str = "", validate: bool = True) -> Callable:
     """Build ``spec.name(...)`` with the op's exact signature: validate, then call ``kernel``.
 
     The function is generated once (so ``help(rt.moe_route)`` shows the contract signature and
@@ -111,7 +111,7 @@ def make_bound_op(spec: OpSpec, kernel: Callable, *, supports: Optional[Callable
         ("*, " if p.kind is p.KEYWORD_ONLY and (i == 0 or params[i - 1].kind is not p.KEYWORD_ONLY) else "")
         + p.name + (f"=_d_{p.name}" if p.default is not inspect.Parameter.empty else "")
         for i, p in enumerate(params)) + ")"
-    body = [f"    _validate({call})"]
+    body = [f"    _validate({call})"] if validate else []
     run = f"_kernel({call})"
     if supports is not None:
         body.append(f"    _why = _supports({call})")
@@ -156,7 +156,7 @@ class Runtime:
     """Contract ops bound to kernels. Build with :func:`hal.runtime`; call ops as attributes."""
 
     def __init__(self, record: BackendRecord, *, fallback: str = "reference", profile: bool = False,
-                 registry: Optional[Registry] = None):
+                 validate: bool = True, registry: Optional[Registry] = None):
         if fallback not in FALLBACKS:
             raise ValueError(f"hal.runtime: fallback: expected one of {FALLBACKS}, got {fallback!r}")
         self.backend_name = record.name
@@ -164,6 +164,7 @@ class Runtime:
         self.device_type = record.backend.device_type
         self.fallback = fallback
         self.profile = profile
+        self.validate = validate
         self.record = record
         self._entries: dict[str, PlanEntry] = {}
         backend = record.backend
@@ -176,20 +177,21 @@ class Runtime:
         if missing and fallback == "error":
             raise UnsupportedCase(missing[0], record.name,
                                   f"the backend does not implement {', '.join(missing)} and fallback='error'")
+        if missing:
+            warnings.warn(f"hal: backend {record.name!r} does not implement {', '.join(missing)}: "
+                          "these ops run on the CPU reference (see the runtime plan)", RuntimeWarning, stacklevel=3)
         for name, spec in CONTRACT.items():
             if name in kernels and name in caps:
                 cap = caps[name]
                 entry = PlanEntry(name, record.name, cap.path, cap.note or f"{cap.path} kernel", record.label)
                 fb = reference_on_cpu(reference[name]) if reference is not None else None
                 fn = make_bound_op(spec, kernels[name], supports=cap.supports, fallback=fb, entry=entry,
-                                   profile=profile, backend_name=record.name)
+                                   profile=profile, backend_name=record.name, validate=validate)
             else:
                 entry = PlanEntry(name, "cpu", "fallback", f"backend {record.name!r} does not implement {name}; "
                                   "running the CPU reference (tensors moved to the CPU and back)", "cpu (reference)")
-                warnings.warn(f"hal: backend {record.name!r} does not implement {name}: it runs on the CPU reference",
-                              RuntimeWarning, stacklevel=3)
                 fn = make_bound_op(spec, reference_on_cpu(reference[name]), entry=entry, profile=profile,
-                                   backend_name="cpu")
+                                   backend_name="cpu", validate=validate)
             self._entries[name] = entry
             setattr(self, name, fn)
 
@@ -237,7 +239,7 @@ def resolve(backend: str = "auto", registry: Optional[Registry] = None) -> Backe
     return rec
 
 
-def runtime(backend: str = "auto", *, fallback: str = "reference", profile: bool = False,
+def runtime(backend: str = "auto", *, fallback: str = "reference", profile: bool = False, validate: bool = True,
             registry: Optional[Registry] = None) -> Runtime:
     """Bind every contract op to a kernel of ``backend`` once; return the :class:`Runtime`.
 
@@ -246,5 +248,10 @@ def runtime(backend: str = "auto", *, fallback: str = "reference", profile: bool
     per call) on the CPU reference, recorded in the plan and warned about; "error" makes a missing
     op a :class:`hal.UnsupportedCase` at bind time and a declined call one at call time.
     profile: count calls and time them (synchronizing the device after each call).
+    validate: check every call against the contract (default). ``validate=False`` skips the checks
+    for hot loops whose inputs are already known good (a model's decode step): the caller then owns
+    every guarantee the checks give, and a bad input may give a wrong answer instead of an error.
+    ``hal bench overhead`` shows what validation costs per op.
     """
-    return Runtime(resolve(backend, registry), fallback=fallback, profile=profile, registry=registry)
+    return Runtime(resolve(backend, registry), fallback=fallback, profile=profile, validate=validate,
+                   registry=registry)

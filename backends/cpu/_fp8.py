@@ -17,7 +17,7 @@ def quantize_groups(x: torch.Tensor, group: int, ue8m0: bool = False) -> tuple[t
     if ue8m0:
         s = torch.exp2(torch.ceil(torch.log2(s)))
     q = (xp / s.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
-    return q.flatten(-2)[..., :K], s
+    return q.flatten(-2)[..., :K].contiguous(), s
 
 
 def expand_scale(scale: torch.Tensor, rows: int, cols: int, block_rows: int, block_cols: int) -> torch.Tensor:

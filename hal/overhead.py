@@ -1,0 +1,132 @@
+"""Per-call dispatch overhead of HAL: ``rt.<op>`` and ``hal.ops.<op>`` vs the bare reference kernel.
+
+Used by ``hal bench overhead``. Inputs are tiny CPU tensors so that the kernel's own time is
+small and the difference is the cost HAL adds per call (argument validation, the bound-op frame,
+and for ``hal.ops`` the device-type lookup). Each variant is timed as the median, over
+``repeat`` rounds, of the mean time of ``number`` back-to-back calls; the variants are interleaved
+round by round so that drift hits them alike.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+from hal.contract import CONTRACT
+
+
+def tiny_args(op: str) -> tuple[tuple, dict]:
+    """Small valid CPU arguments for ``op`` (fixed seed, never zeros)."""
+    g = torch.Generator().manual_seed(0)
+
+    def rnd(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(dtype)
+
+    from hal.backends.cpu import KERNELS
+    T, E, H, I, k = 4, 8, 16, 8, 2
+    if op == "moe_route":
+        return (rnd(T, E),), {"top_k": k}
+    if op == "moe_dispatch":
+        return (rnd(T, H), torch.randint(0, E, (T, k), generator=g, dtype=torch.int32), E), {}
+    if op in ("moe_experts", "moe_combine"):
+        w, ids = KERNELS["moe_route"](rnd(T, E), top_k=k)
+        plan = KERNELS["moe_dispatch"](rnd(T, H), ids, E)
+        if op == "moe_experts":
+            return (plan, rnd(E, 2 * I, H), rnd(E, H, I)), {}
+        return (rnd(T * k, H), plan, w), {}
+    if op == "moe_forward":
+        return (rnd(T, H), rnd(T, E), rnd(E, 2 * I, H), rnd(E, H, I)), {"top_k": k}
+    if op == "lightning_indexer":
+        return (rnd(1, 4, 2, 16), rnd(1, 8, 16), rnd(1, 4, 2)), {"top_k": 4}
+    if op == "sparse_attention":
+        return (rnd(1, 2, 2, 16), rnd(1, 8, 1, 16), rnd(1, 8, 1, 16),
+                torch.tensor([[[0, 1, -1], [2, 3, 4]]], dtype=torch.int32)), {"scale": 0.25}
+    if op == "fp8_quantize":
+        return (rnd(4, 128),), {}
+    if op == "fp8_quantize_weight":
+        return (rnd(128, 128),), {}
+    if op in ("fp8_gemm", "fp8_linear"):
+        a, a_s = KERNELS["fp8_quantize"](rnd(4, 128))
+        b, b_s = KERNELS["fp8_quantize_weight"](rnd(16, 128))
+        if op == "fp8_gemm":
+            return (a, a_s, b, b_s), {}
+        return (rnd(4, 128), b, b_s), {}
+    raise KeyError(op)
+
+
+def _per_call_us(fn: Callable[[], object], number: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+    return (time.perf_counter() - t0) / number * 1e6
+
+
+def _on_meta(obj):
+    from hal.contract import DispatchPlan
+    if isinstance(obj, torch.Tensor):
+        return obj.to("meta")
+    if isinstance(obj, DispatchPlan):
+        return obj.to("meta")
+    return obj
+
+
+def _null_kernel(*args, **kwargs):
+    return None
+
+
+def _median_us(fn, number, repeat) -> float:
+    fn()
+    return statistics.median(_per_call_us(fn, number) for _ in range(repeat))
+
+
+def measure_overhead(ops=None, *, number: int = 2000, repeat: int = 15) -> list[dict]:
+    """Per op, the median per-call cost in µs of:
+
+    - ``bare``: a kernel that does nothing, called directly (the floor of a Python call);
+    - ``runtime``: the same null kernel bound by a runtime (``rt.<op>``): contract validation of
+      shapes/dtypes/devices plus the bound-op frame; ``runtime_overhead_us`` = runtime - bare;
+    - ``runtime_novalidate``: a runtime built with ``validate=False`` (the bound-op frame alone);
+    - ``ops``: through ``hal.ops.<op>`` (adds the device-type lookup); ``ops_overhead_us``;
+    - ``validate``: the contract check alone;
+    - ``cpu_data_checks``: the extra cost of the data-dependent checks (index ranges, finite
+      scales) that run only on CPU tensors or in checked mode.
+
+    The null kernel runs on "meta" tensors (shape-only), so what is measured is HAL's own cost and
+    nothing of the arithmetic. A temporary null backend serves the "meta" device type."""
+    import hal
+    from hal.backend import Backend, OpCapability
+    from hal.registry import get_registry
+    reg = get_registry()
+    null = Backend("null-overhead", device_type="meta", priority=-100,
+                   capabilities={op: OpCapability("native", (), "does nothing") for op in CONTRACT},
+                   kernels={op: _null_kernel for op in CONTRACT})
+    reg.register_backend(null)
+    try:
+        import hal.ops as hops
+        hops._reset()
+        rt = hal.runtime("null-overhead")
+        rt_fast = hal.runtime("null-overhead", validate=False)
+        rows = []
+        for op in ops or list(CONTRACT):
+            cpu_args, cpu_kwargs = tiny_args(op)
+            args = tuple(_on_meta(a) for a in cpu_args)
+            kwargs = {k: _on_meta(v) for k, v in cpu_kwargs.items()}
+            spec = CONTRACT[op]
+            bare = _median_us(lambda: _null_kernel(*args, **kwargs), number, repeat)
+            bound = _median_us(lambda: getattr(rt, op)(*args, **kwargs), number, repeat)
+            unvalidated = _median_us(lambda: getattr(rt_fast, op)(*args, **kwargs), number, repeat)
+            via_ops = _median_us(lambda: getattr(hal.ops, op)(*args, **kwargs), number, repeat)
+            validate = _median_us(lambda: spec.validate(*args, **kwargs), number, repeat)
+            validate_cpu = _median_us(lambda: spec.validate(*cpu_args, **cpu_kwargs), number, repeat)
+            rows.append({
+                "op": op, "bare_us": bare, "runtime_us": bound, "ops_us": via_ops,
+                "runtime_overhead_us": bound - bare, "ops_overhead_us": via_ops - bare,
+                "runtime_novalidate_us": unvalidated, "runtime_novalidate_overhead_us": unvalidated - bare,
+                "validate_us": validate, "cpu_data_checks_us": max(validate_cpu - validate, 0.0), "goal_us": 2.0,
+            })
+        return rows
+    finally:
+        reg.unregister("null-overhead")
+        hal.ops._reset()

@@ -156,7 +156,7 @@ class Runtime:
     """Contract ops bound to kernels. Build with :func:`hal.runtime`; call ops as attributes."""
 
     def __init__(self, record: BackendRecord, *, fallback: str = "reference", profile: bool = False,
-                 validate: bool = True, registry: Optional[Registry] = None):
+                 validate: bool = True):
         if fallback not in FALLBACKS:
             raise ValueError(f"hal.runtime: fallback: expected one of {FALLBACKS}, got {fallback!r}")
         self.backend_name = record.name
@@ -172,7 +172,8 @@ class Runtime:
         caps = dict(backend.capabilities())
         reference = None
         if fallback == "reference" and record.name != "cpu":
-            reference = (registry or get_registry()).get("cpu").kernels()
+            # the fallback is the contract's definition itself, whichever plugins HAL_BACKENDS loads
+            from hal.backends.cpu import KERNELS as reference
         missing = [op for op in CONTRACT if op not in kernels or op not in caps]
         if missing and fallback == "error":
             raise UnsupportedCase(missing[0], record.name,
@@ -253,5 +254,4 @@ def runtime(backend: str = "auto", *, fallback: str = "reference", profile: bool
     every guarantee the checks give, and a bad input may give a wrong answer instead of an error.
     ``hal bench overhead`` shows what validation costs per op.
     """
-    return Runtime(resolve(backend, registry), fallback=fallback, profile=profile, validate=validate,
-                   registry=registry)
+    return Runtime(resolve(backend, registry), fallback=fallback, profile=profile, validate=validate)

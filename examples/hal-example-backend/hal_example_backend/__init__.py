@@ -1,0 +1,1 @@
+"""A minimal HAL backend plugin (the README's worked example)."""

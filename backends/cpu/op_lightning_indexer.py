@@ -16,7 +16,7 @@ def lightning_indexer(q, k, weights, *, top_k, causal=True, q_offset=None, k_len
     lengths = torch.full((B,), L, dtype=torch.int64) if k_lengths is None else k_lengths.long()
     offset = lengths - S if q_offset is None else q_offset.long()
     s_pos, t_pos = torch.arange(L), torch.arange(S)
-    visible = s_pos[None, None, :] < lengths[:, None, None]
+    visible = (s_pos[None, None, :] < lengths[:, None, None]).expand(B, S, L)
     if causal:
         visible = visible & (s_pos[None, None, :] <= offset[:, None, None] + t_pos[None, :, None])
     score = torch.where(torch.isnan(score), float("-inf"), score)

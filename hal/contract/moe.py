@@ -138,8 +138,8 @@ def _plan(op: str, plan) -> None:
     c.shape(op, "plan.source", plan.source, (plan.hidden.shape[0],), "[N] (rows of plan.hidden)")
 
 
-def _experts_weights(op, plan, w_gate_up, w_down, activation, w_gate_up_scale, w_down_scale):
-    E, H = plan.num_experts, plan.hidden.shape[1]
+def _experts_weights(op, E, H, ref_name, ref, w_gate_up, w_down, activation, w_gate_up_scale, w_down_scale):
+    """Check expert weights (and fp8 scales) for E experts of hidden size H on ``ref``'s device."""
     c.tensor(op, "w_gate_up", w_gate_up, ndim=3, dtypes=(torch.bfloat16, torch.float16, torch.float32, c.FP8), dims="[E, 2I, H]")
     c.tensor(op, "w_down", w_down, ndim=3, dtypes=(w_gate_up.dtype,), dims="[E, H, I] (same dtype as w_gate_up)")
     two_i = w_gate_up.shape[1]
@@ -149,7 +149,7 @@ def _experts_weights(op, plan, w_gate_up, w_down, activation, w_gate_up_scale, w
     c.shape(op, "w_gate_up", w_gate_up, (E, 2 * I, H), f"[E={E}, 2I, H={H}]")
     c.shape(op, "w_down", w_down, (E, H, I), f"[E={E}, H={H}, I={I}]")
     c.choice(op, "activation", activation, ACTIVATIONS)
-    c.same_device(op, "plan.hidden", plan.hidden, w_gate_up=w_gate_up, w_down=w_down)
+    c.same_device(op, ref_name, ref, w_gate_up=w_gate_up, w_down=w_down)
     fp8 = w_gate_up.dtype == c.FP8
     for name, s, rows, cols in (("w_gate_up_scale", w_gate_up_scale, 2 * I, H), ("w_down_scale", w_down_scale, H, I)):
         if fp8:
@@ -157,7 +157,7 @@ def _experts_weights(op, plan, w_gate_up, w_down, activation, w_gate_up_scale, w
                 raise ContractError(op, name, "128x128 block scales (float8 weights need them)", None)
             c.tensor(op, name, s, ndim=3, dtypes=(torch.float32,))
             c.shape(op, name, s, (E, c.ceil_div(rows, 128), c.ceil_div(cols, 128)), "[E, ceil(rows/128), ceil(cols/128)]")
-            c.same_device(op, "plan.hidden", plan.hidden, **{name: s})
+            c.same_device(op, ref_name, ref, **{name: s})
             if data_checks(s):
                 c.finite_positive_scales(op, name, s)
         elif s is not None:
@@ -182,7 +182,8 @@ def moe_experts(plan: DispatchPlan, w_gate_up: torch.Tensor, w_down: torch.Tenso
     """
     op = "moe_experts"
     _plan(op, plan)
-    _experts_weights(op, plan, w_gate_up, w_down, activation, w_gate_up_scale, w_down_scale)
+    _experts_weights(op, plan.num_experts, plan.hidden.shape[1], "plan.hidden", plan.hidden, w_gate_up, w_down,
+                     activation, w_gate_up_scale, w_down_scale)
 
 
 @op_spec(family="moe", summary="out[t] = sum_slot weights[t,slot] * expert_out[row(t,slot)] (fp32 accumulate) -> [T, H]",
@@ -224,11 +225,5 @@ def moe_forward(hidden: torch.Tensor, router_logits: torch.Tensor, w_gate_up: to
     if router_logits.shape[0] != hidden.shape[0]:
         raise ContractError(op, "router_logits", f"T={hidden.shape[0]} rows (as hidden)", f"shape {tuple(router_logits.shape)}")
     c.same_device(op, "hidden", hidden, router_logits=router_logits)
-    E = router_logits.shape[1]
-    fake_plan = DispatchPlan(hidden, torch.empty(E, dtype=torch.int32, device="meta"),
-                             torch.empty(E + 1, dtype=torch.int32, device="meta"),
-                             torch.empty(0, dtype=torch.int64, device="meta"), hidden.shape[0], top_k)
-    if not isinstance(w_gate_up, torch.Tensor) or w_gate_up.dim() != 3 or w_gate_up.shape[0] != E:
-        got = f"shape {tuple(w_gate_up.shape)}" if isinstance(w_gate_up, torch.Tensor) else type(w_gate_up).__name__
-        raise ContractError(op, "w_gate_up", f"a 3-D tensor [E={E}, 2I, H] (E from router_logits)", got)
-    _experts_weights(op, fake_plan, w_gate_up, w_down, activation, w_gate_up_scale, w_down_scale)
+    _experts_weights(op, router_logits.shape[1], hidden.shape[1], "hidden", hidden, w_gate_up, w_down, activation,
+                     w_gate_up_scale, w_down_scale)

@@ -1,0 +1,76 @@
+"""Cases for DeepSeek Sparse Attention (lightning_indexer, sparse_attention)."""
+from __future__ import annotations
+
+import torch
+
+from hal.conformance.cases._case import Case, randn
+
+# indexer: (name, B, S, L, Hi, D, top_k)
+INDEXER_QUICK = [("S0", 1, 0, 16, 4, 32, 8), ("L1", 1, 1, 1, 4, 32, 4), ("prefill", 2, 24, 24, 4, 32, 8),
+                 ("decode", 2, 1, 40, 4, 64, 16), ("fewer_visible_than_top_k", 1, 6, 10, 2, 16, 12)]
+INDEXER_FULL = [("glm5_prefill", 1, 512, 4096, 32, 128, 2048), ("deepseek_v32_prefill", 1, 256, 4096, 64, 128, 2048),
+                ("decode_64k", 2, 1, 65536, 64, 128, 2048)]
+# attention: (name, B, S, L, Hq, Hk, Dqk, Dv, top_k)
+ATTN_QUICK = [("S0", 1, 0, 8, 2, 2, 32, 32, 4), ("L1", 1, 1, 1, 2, 1, 32, 32, 4), ("MHA", 2, 6, 20, 4, 4, 32, 32, 8),
+              ("GQA", 1, 5, 24, 8, 2, 64, 64, 12), ("MQA", 1, 4, 16, 4, 1, 32, 16, 6),
+              ("MLA_576_512", 1, 2, 24, 4, 1, 576, 512, 8)]
+ATTN_FULL = [("MLA_decode", 8, 1, 8192, 64, 1, 576, 512, 2048), ("MHA_prefill", 1, 256, 4096, 16, 16, 128, 128, 2048),
+             ("GQA_prefill", 1, 256, 4096, 32, 8, 128, 128, 2048)]
+
+
+def _indexer_case(name, B, S, L, Hi, D, top_k, *, dtype=torch.bfloat16, lengths=False, causal=True):
+    def build(g):
+        from hal.backends.cpu import KERNELS
+        q, k = randn(g, B, S, Hi, D), randn(g, B, L, D)
+        w = torch.rand(B, S, Hi, generator=g) * (Hi ** -0.5 * D ** -0.5)
+        kw = dict(top_k=top_k, causal=causal, q_offset=None, k_lengths=None, q_scale=None, k_scale=None)
+        if lengths:
+            kw["k_lengths"] = torch.randint(max(S, 1), L + 1, (B,), generator=g)
+        if dtype == torch.float8_e4m3fn:
+            q8, qs = KERNELS["fp8_quantize"](q, group_size=D)
+            k8, ks = KERNELS["fp8_quantize"](k, group_size=D)
+            kw.update(q_scale=qs[..., 0].contiguous(), k_scale=ks[..., 0].contiguous())
+            return (q8, k8, w), kw
+        return (q.to(dtype), k.to(dtype), w), kw
+    return Case("lightning_indexer", name, build, ("fp8",) if dtype == torch.float8_e4m3fn else ())
+
+
+def _indexer_cases(level):
+    shapes = INDEXER_QUICK if level == "quick" else INDEXER_FULL
+    out = [_indexer_case(*s) for s in shapes]
+    if level == "quick":
+        out += [_indexer_case("fp32_k_lengths", 2, 5, 20, 2, 32, 6, dtype=torch.float32, lengths=True),
+                _indexer_case("fp16_noncausal", 1, 4, 12, 2, 32, 5, dtype=torch.float16, causal=False),
+                _indexer_case("fp8", 1, 8, 32, 4, 64, 8, dtype=torch.float8_e4m3fn)]
+    else:
+        out += [_indexer_case("fp8_prefill", 1, 256, 4096, 64, 128, 2048, dtype=torch.float8_e4m3fn)]
+    return out
+
+
+def _attn_case(name, B, S, L, Hq, Hk, Dqk, Dv, top_k, *, dtype=torch.bfloat16, nan=False):
+    def build(g):
+        from hal.backends.cpu import KERNELS
+        q = randn(g, B, S, Hq, Dqk, dtype=dtype)
+        k = randn(g, B, L, Hk, Dqk, dtype=dtype)
+        v = k[..., :Dv] if name.startswith("MLA") else randn(g, B, L, Hk, Dv, dtype=dtype)
+        # indices as a model produces them: the indexer's causal top-k (with -1 tails)
+        iq, ik = randn(g, B, S, 2, 16), randn(g, B, L, 16)
+        idx = KERNELS["lightning_indexer"](iq, ik, torch.rand(B, S, 2, generator=g), top_k=top_k, causal=True)
+        if nan and S > 0:
+            q[0, 0, 0, 0] = float("nan")
+        return (q, k, v, idx), dict(scale=Dqk ** -0.5, return_lse=True)
+    return Case("sparse_attention", name, build, ("nan",) if nan else ())
+
+
+def _attn_cases(level):
+    shapes = ATTN_QUICK if level == "quick" else ATTN_FULL
+    out = [_attn_case(*s) for s in shapes]
+    if level == "quick":
+        out += [_attn_case("fp32_GQA", 1, 3, 10, 4, 2, 16, 16, 4, dtype=torch.float32),
+                _attn_case("fp16_MQA", 1, 3, 10, 4, 1, 16, 16, 4, dtype=torch.float16),
+                _attn_case("nan_query", 1, 3, 10, 2, 2, 16, 16, 4, dtype=torch.float32, nan=True)]
+    return out
+
+
+def cases(level: str) -> list[Case]:
+    return _indexer_cases(level) + _attn_cases(level)

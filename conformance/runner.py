@@ -1,0 +1,225 @@
+"""Run the case catalog on a backend and judge every output against the contract's budgets."""
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from typing import Callable, Optional
+
+import torch
+
+from hal.contract import CONTRACT, DispatchPlan
+from hal.conformance import metrics, scores
+from hal.conformance.cases import Case, catalog
+from hal.errors import UnsupportedCase
+
+STATUSES = ("PASS", "FAIL", "ERROR", "UNSUPPORTED", "SKIPPED", "NONDETERMINISTIC", "CORRUPT")
+FAILING = ("FAIL", "ERROR", "CORRUPT")
+
+
+@dataclasses.dataclass
+class CaseResult:
+    """One op x case on one backend. ``path``: native / emulated / fallback / absent / "-"."""
+
+    backend: str
+    label: str
+    op: str
+    case: str
+    status: str
+    path: str
+    reason: str = ""
+    outputs: list = dataclasses.field(default_factory=list)
+    traceback: Optional[str] = None
+    duration_s: float = 0.0
+    tags: tuple = ()
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["outputs"] = [o.to_dict() if hasattr(o, "to_dict") else o for o in self.outputs]
+        d["tags"] = list(self.tags)
+        return d
+
+
+def flatten_outputs(out) -> list[torch.Tensor]:
+    """An op's return value as a list of tensors in the order of ``spec.outputs``."""
+    if isinstance(out, DispatchPlan):
+        return list(out.tensors())
+    if isinstance(out, tuple):
+        return list(out)
+    return [out]
+
+
+def to_device(obj, device):
+    if isinstance(obj, (torch.Tensor, DispatchPlan)):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(to_device(o, device) for o in obj)
+    return obj
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach().cpu().contiguous()
+    return t.view(torch.uint8) if t.is_floating_point() and t.numel() else t
+
+
+def identical(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x.shape == y.shape and torch.equal(_bits(x), _bits(y)) for x, y in zip(a, b))
+
+
+def _align_route_weights(got_w, got_ids, ref_ids):
+    """Reorder a backend's route weights to the reference's expert order where a row picked the
+    same experts in another order (near-tie swaps), so the weights compare element by element."""
+    if got_ids.shape != ref_ids.shape or got_ids.numel() == 0:
+        return got_w
+    same = torch.equal(got_ids.sort(-1).values, ref_ids.sort(-1).values)
+    if not same or torch.equal(got_ids, ref_ids):
+        return got_w
+    perm = (ref_ids.long()[:, :, None] == got_ids.long()[:, None, :]).float().argmax(-1)
+    return got_w.gather(1, perm)
+
+
+def judge(op: str, args: tuple, kwargs: dict, got: list, truth: list, ref: list) -> list[metrics.OutputCheck]:
+    """Compare a backend's outputs with the float64 truth and the working-precision reference."""
+    spec = CONTRACT[op]
+    checks = []
+    selection_scores = None
+    if op == "moe_route":
+        selection_scores = scores.route_scores(*args, **kwargs)
+        got = [_align_route_weights(got[0], got[1], ref[1]), got[1]]
+    elif op == "lightning_indexer":
+        selection_scores = scores.indexer_scores(*args, **kwargs)
+    if len(got) != len(ref):
+        return [metrics.OutputCheck("outputs", "count", False, f"{len(got)} outputs, expected {len(ref)}")]
+    for (name, budget), g, t, r in zip(spec.outputs.items(), got, truth, ref):
+        kind = metrics.budget_kind(budget)
+        if kind == "exact":
+            checks.append(metrics.check_exact(name, g, r))
+        elif kind == "selection":
+            checks.append(metrics.check_selection(name, g, r, *selection_scores, budget))
+        else:
+            checks.append(metrics.check_float(name, g, t, r, budget))
+    return checks
+
+
+def reference_outputs(case: Case, args, kwargs):
+    """(truth, ref): the reference evaluated in float64 and at its working precision."""
+    from hal.backends.cpu import KERNELS, float64_evaluation
+    kernel = KERNELS[case.op]
+    with float64_evaluation():
+        truth = flatten_outputs(kernel(*args, **kwargs))
+    ref = flatten_outputs(kernel(*args, **kwargs))
+    return truth, ref
+
+
+class BoundBackend:
+    """A backend's ops bound for certification: validation on, no fallback (refusals surface)."""
+
+    def __init__(self, record):
+        from hal.runtime import make_bound_op
+        self.record = record
+        self.name, self.label = record.name, record.label
+        backend = record.backend
+        self.device = torch.device(backend.device_type)
+        kernels, caps = backend.kernels(), dict(backend.capabilities())
+        self.ops, self.paths, self.notes = {}, {}, {}
+        for op, spec in CONTRACT.items():
+            if op in kernels and op in caps:
+                cap = caps[op]
+                self.ops[op] = make_bound_op(spec, kernels[op], supports=cap.supports, backend_name=self.name)
+                self.paths[op], self.notes[op] = cap.path, cap.note
+            else:
+                self.paths[op], self.notes[op] = "absent", f"backend {self.name!r} does not implement {op}"
+
+    def plan(self) -> list[dict]:
+        return [{"op": op, "backend": self.name, "path": self.paths[op], "reason": self.notes[op], "label": self.label}
+                for op in CONTRACT]
+
+
+def run_case(bound: BoundBackend, case: Case, seed: int) -> CaseResult:
+    """Run one case twice on the backend and judge it."""
+    t0 = time.perf_counter()
+    res = CaseResult(bound.name, bound.label, case.op, case.name, "PASS", bound.paths[case.op], tags=case.tags)
+    if case.op not in bound.ops:
+        res.status, res.reason = "UNSUPPORTED", bound.notes[case.op]
+        return res
+    try:
+        args, kwargs = case.materialize(seed)
+        truth, ref = reference_outputs(case, args, kwargs)
+    except Exception as exc:  # noqa: BLE001 - a catalog/reference problem is reported, not hidden
+        res.status, res.reason, res.traceback = "ERROR", f"reference failed: {type(exc).__name__}: {exc}", traceback.format_exc()
+        return res
+    fn = bound.ops[case.op]
+    runs = []
+    try:
+        for _ in range(2):
+            out = fn(*to_device(args, bound.device), **{k: to_device(v, bound.device) for k, v in kwargs.items()})
+            runs.append([t.detach().cpu() for t in flatten_outputs(out)])
+    except UnsupportedCase as exc:
+        res.status, res.reason = "UNSUPPORTED", exc.reason
+        return res
+    except Exception as exc:  # noqa: BLE001
+        res.status, res.reason, res.traceback = "ERROR", f"{type(exc).__name__}: {exc}", traceback.format_exc()
+        res.duration_s = time.perf_counter() - t0
+        return res
+    res.outputs = judge(case.op, args, kwargs, runs[0], truth, ref)
+    failed = [o for o in res.outputs if not o.passed]
+    if failed:
+        res.status = "FAIL"
+        res.reason = "; ".join(f"{o.name}: {o.message}" for o in failed)
+    elif not identical(runs[0], runs[1]):
+        res.status, res.reason = "NONDETERMINISTIC", "two runs on the same inputs differ bitwise"
+    res.duration_s = time.perf_counter() - t0
+    return res
+
+
+@dataclasses.dataclass
+class BackendRun:
+    """Everything certified for one backend."""
+
+    backend: str
+    label: str
+    status: str                       # the registry status (available / unavailable / ...)
+    reason: str
+    device: str
+    versions: dict
+    plan: list
+    results: list
+
+    def counts(self) -> dict:
+        c = {s: 0 for s in STATUSES}
+        for r in self.results:
+            c[r.status] += 1
+        return c
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["results"] = [r.to_dict() for r in self.results]
+        d["counts"] = self.counts()
+        return d
+
+
+def certify(backend: str, *, level: str = "quick", ops=None, seed: int = 0,
+            progress: Optional[Callable[[CaseResult], None]] = None, cases=None) -> BackendRun:
+    """Certify ``backend`` on the catalog (or ``cases``); unavailable backends get SKIPPED cases."""
+    from hal.registry import get_registry
+    rec = get_registry().record(backend)
+    chosen = cases if cases is not None else catalog(level, ops)
+    av = rec.availability
+    run = BackendRun(rec.name, rec.label, rec.status, rec.reason, av.device if av else "",
+                     dict(av.versions) if av else {}, [], [])
+    if rec.status != "available":
+        for c in chosen:
+            r = CaseResult(rec.name, rec.label, c.op, c.name, "SKIPPED", "-", f"backend {rec.status}: {rec.reason}",
+                           tags=c.tags)
+            run.results.append(r)
+            if progress:
+                progress(r)
+        return run
+    bound = BoundBackend(rec)
+    run.plan = bound.plan()
+    for c in chosen:
+        r = run_case(bound, c, seed)
+        run.results.append(r)
+        if progress:
+            progress(r)
+    return run

@@ -1,0 +1,187 @@
+"""``hal conformance``: certify backends against the reference (and ``export`` golden vectors)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from hal.cli import EXIT_BACKEND, EXIT_FAILED, EXIT_INPUT
+from hal.commands._common import emit_json, fail
+
+
+def _split(value: str | None) -> list[str] | None:
+    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+
+
+class _Progress:
+    """A progress bar on stderr (none with --json or when stderr is not a terminal)."""
+
+    def __init__(self, total: int, label: str, enabled: bool):
+        self.bar = click.progressbar(length=total, label=label, file=sys.stderr, show_pos=True) if enabled else None
+        if self.bar:
+            self.bar.__enter__()
+
+    def __call__(self, _item) -> None:
+        if self.bar:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar:
+            self.bar.__exit__(None, None, None)
+
+
+def _summary_table(report: dict) -> str:
+    from hal.conformance.runner import STATUSES
+    lines = [f"{'backend':<34} {'op':<20} " + " ".join(f"{s[:6]:>6}" for s in STATUSES)]
+    for b in report["backends"]:
+        ops = {}
+        for r in b["results"]:
+            ops.setdefault(r["op"], {s: 0 for s in STATUSES})[r["status"]] += 1
+        for op, c in ops.items():
+            lines.append(f"{b['label'][:34]:<34} {op:<20} " + " ".join(f"{c[s]:>6}" for s in STATUSES))
+    s = report["summary"]
+    lines.append(("PASSED" if s["passed"] else "FAILED") + ": " +
+                 ", ".join(f"{k} {v}" for k, v in s["counts"].items() if v))
+    return "\n".join(lines)
+
+
+@click.group(invoke_without_command=True)
+@click.option("--backend", "-b", "backend", metavar="NAME|all", help="Backend to certify; 'all' = every installed one.")
+@click.option("--ops", "ops", metavar="a,b", help="Only these ops (comma-separated).")
+@click.option("--level", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
+              help="quick: tiny shapes (CI, interpreters, emulators); full: real model shapes (a GPU/NPU machine).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random case data.")
+@click.option("--report-dir", type=click.Path(file_okay=False), help="Write reports into this folder (atomically).")
+@click.option("--format", "formats", default="json,junit,md,html", show_default=True,
+              help="Report formats, comma-separated: json, junit, md, html.")
+@click.option("--golden", "golden_dir", type=click.Path(exists=True, file_okay=False),
+              help="Certify against stored golden vectors (from `hal conformance export`) instead of the reference.")
+@click.option("--model", "model", metavar="NAME|DIR", help="Model-level conformance: the same prompts on the backend "
+              "and on the reference; top-1 agreement and KL of next-token distributions.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.pass_context
+def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir, model, as_json):
+    """Certify a backend: every contract op on every case, compared with the reference.
+
+    \b
+    hal conformance --backend cpu
+    hal conformance --backend cuda --level full --report-dir out --format json,junit,md,html
+    hal conformance --backend all
+    hal conformance export --out golden/          # golden vectors + ONNX models
+    hal conformance --golden golden/ --backend ascend
+    hal conformance --model tiny-glm5 --backend cuda
+
+    Each case runs twice. Statuses: PASS, FAIL (outside the op's budget), ERROR (the backend
+    raised), UNSUPPORTED (the backend declares the op or case absent), SKIPPED (backend
+    unavailable), NONDETERMINISTIC (the two runs differ bitwise), CORRUPT (a golden file is
+    damaged). Exit code 0 only when nothing FAILed, ERRORed or was CORRUPT; 3 when a named
+    backend is unavailable; 2 for bad options.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    if not backend:
+        click.echo(ctx.get_help())
+        return
+    import hal
+    from hal.conformance import environment, reports
+    from hal.conformance.cases import catalog
+    from hal.conformance.runner import certify
+    from hal.registry import get_registry
+    fmts = _split(formats) or []
+    bad = [f for f in fmts if f not in reports.FORMATS]
+    if bad:
+        raise click.BadParameter(f"unknown format(s) {', '.join(bad)}; choose from {', '.join(reports.FORMATS)}",
+                                 param_hint="--format")
+    op_list = _split(ops)
+    if op_list:
+        unknown = [o for o in op_list if o not in hal.CONTRACT]
+        if unknown:
+            raise click.BadParameter(f"unknown op(s) {', '.join(unknown)}", param_hint="--ops")
+    reg = get_registry()
+    if backend == "all":
+        names = [r.name for r in reg.records()]
+    else:
+        try:
+            rec = reg.record(backend)
+        except hal.BackendUnavailable as exc:
+            fail(str(exc), EXIT_BACKEND, as_json=as_json)
+        if rec.status != "available":
+            fail(str(hal.BackendUnavailable(backend, rec.status, rec.reason)), EXIT_BACKEND, as_json=as_json,
+                 backend=backend, status=rec.status, reason=rec.reason)
+        names = [backend]
+    env = environment.collect(seed=seed, level=level)
+    show = not as_json and sys.stderr.isatty()
+    runs, models, kind = [], [], "ops"
+    if model:
+        kind = "model"
+        from hal.models.conformance import compare_model
+        for name in names:
+            try:
+                models.append(compare_model(model, name, seed=seed))
+            except hal.BackendUnavailable as exc:
+                fail(str(exc), EXIT_BACKEND, as_json=as_json)
+            except (FileNotFoundError, ValueError, KeyError) as exc:
+                fail(f"model {model!r}: {exc}", EXIT_INPUT, as_json=as_json)
+    elif golden_dir:
+        kind = "golden"
+        from hal.conformance.golden import CorruptVector, certify_golden, read_manifest
+        try:
+            total = len([e for e in read_manifest(golden_dir)["cases"] if not op_list or e["op"] in op_list])
+        except CorruptVector as exc:
+            fail(f"golden vectors unreadable: {exc}", EXIT_INPUT, as_json=as_json)
+        for name in names:
+            prog = _Progress(total, f"{name} (golden)", show)
+            runs.append(certify_golden(golden_dir, name, ops=op_list, progress=prog))
+            prog.close()
+    else:
+        cases = catalog(level, op_list)
+        for name in names:
+            prog = _Progress(len(cases), name, show)
+            runs.append(certify(name, level=level, seed=seed, cases=cases, progress=prog))
+            prog.close()
+    report = reports.build_report(runs, environment=env, kind=kind, level=level, golden_dir=golden_dir, models=models)
+    paths = reports.write_reports(report, report_dir, fmts) if report_dir else {}
+    if as_json:
+        emit_json({**report, "report_files": paths})
+    else:
+        if runs:
+            click.echo(_summary_table(report))
+        for m in models:
+            click.echo(f"model {m['model']} on {m['label']}: {'PASS' if m['passed'] else 'FAIL'}: "
+                       + reports._model_line(m))
+        for fmt, path in paths.items():
+            click.echo(f"{fmt} report: {path}")
+    if not report["summary"]["passed"]:
+        sys.exit(EXIT_FAILED)
+
+
+@conformance.command()
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Folder to write into.")
+@click.option("--level", type=click.Choice(["quick", "full"]), default="quick", show_default=True)
+@click.option("--ops", "ops", metavar="a,b", help="Only these ops (comma-separated).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest and the onnxruntime check as JSON.")
+def export(out_dir, level, ops, seed, as_json):
+    """Write golden vectors: every case's inputs and reference outputs as ONNX TensorProto files.
+
+    Layout (ONNX backend-test style): OUT/<op>/<case>/test_data_set_0/input_N.pb, output_N.pb
+    (float64 truth), reference_N.pb (reference at working precision), OUT/<op>/<case>/model.onnx
+    where standard ONNX expresses the op, and OUT/manifest.json. FP8 tensors are FLOAT8E4M3FN.
+    Then the exported ONNX models run on onnxruntime (CPU) and are compared with the reference:
+    an independent check of the reference itself; exit 1 if it disagrees.
+    """
+    from hal.conformance.golden import export as do_export
+    from hal.conformance.onnx_check import check_reference
+    manifest = do_export(out_dir, level=level, ops=_split(ops), seed=seed)
+    check = [r for r in check_reference(level, seed) if not ops or r["op"] in _split(ops)]
+    failed = [r for r in check if r["status"] in ("FAIL", "ERROR")]
+    if as_json:
+        emit_json({"out": out_dir, "cases": len(manifest["cases"]), "manifest": manifest, "onnxruntime_check": check})
+    else:
+        click.echo(f"wrote {len(manifest['cases'])} cases to {out_dir}")
+        ran = [r for r in check if r["status"] != "NOT_EXPRESSIBLE"]
+        click.echo(f"onnxruntime check of the reference: {len(ran) - len(failed)}/{len(ran)} PASS")
+        for r in failed:
+            click.echo(f"  {r['status']} {r['op']}/{r['case']}: {r['detail']}")
+    if failed:
+        sys.exit(EXIT_FAILED)

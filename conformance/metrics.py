@@ -175,6 +175,18 @@ def check_selection(name: str, got: torch.Tensor, ref: torch.Tensor, scores: tor
     if bool(order.any()):
         row = int(order.nonzero()[0, 0])
         return OutputCheck(name, "selection", False, f"row {row} is not in descending score order")
+    # exact ties (equal scores, e.g. relu zeros) follow the contract's rule: lower index first, and
+    # at the cut no unselected selectable key ties the last selected score with a lower index
+    tie_wrong = valid[:, 1:] & (gs[:, 1:] == gs[:, :-1]) & (g[:, 1:] < g[:, :-1])
+    last = torch.where(valid, gs, float("nan")).nan_to_num(nan=float("inf")).min(-1).values
+    chosen = torch.zeros_like(selectable.reshape(-1, n)).scatter_(1, g.clamp_min(0), valid)
+    idx = torch.arange(n).expand_as(s)
+    max_at_last = torch.where(valid & (gs == last[:, None]), g, -1).max(-1).values
+    skipped = selectable.reshape(-1, n) & ~chosen & (s == last[:, None]) & (idx < max_at_last[:, None])
+    if bool(tie_wrong.any()) or bool(skipped.any()):
+        row = int((tie_wrong.any(-1) | skipped.any(-1)).nonzero()[0, 0])
+        return OutputCheck(name, "selection", False, f"row {row} breaks an exact score tie toward a higher index "
+                           "(the contract breaks ties toward the lower index)")
     swaps = int((g != r).sum())
     return OutputCheck(name, "selection", True, f"{swaps} position(s) differ within near-ties" if swaps else "equal")
 

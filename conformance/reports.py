@@ -185,8 +185,8 @@ def _svg_plot(results: list) -> str:
     points = []
     for r in results:
         for o in r["outputs"]:
-            if o.get("budget_abs") and o.get("max_abs") is not None:
-                ratio = (o["max_abs"] + 1e-300) / o["budget_abs"]
+            if o.get("budget_abs") is not None and o.get("max_abs") is not None:
+                ratio = o["max_abs"] / o["budget_abs"] if o["budget_abs"] > 0 else (0.0 if o["max_abs"] == 0 else 1e9)
                 points.append((f"{r['case']}:{o['name']}", ratio, o["passed"]))
     if not points:
         return "<p><em>no float outputs to plot</em></p>"

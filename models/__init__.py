@@ -1,0 +1,46 @@
+"""Backend-agnostic models: GLM-5 (``glm_moe_dsa``), DeepSeek-V3.2 (``deepseek_v32``) and
+GLM-4.5 (``glm4_moe``), written once against the HAL contract.
+
+Every MoE, sparse-attention and FP8 op goes through a :class:`hal.Runtime`; norms, RoPE,
+embeddings and the GQA attention are plain torch. Nothing here names a device vendor.
+
+    model = hal.models.load("tiny-glm5", backend="auto")        # or a Hugging Face model folder
+    result = hal.models.generate(model, [[1, 2, 3]], max_new_tokens=8)
+"""
+from __future__ import annotations
+
+import torch
+
+from hal.models.builtin import CONFIGS as BUILTIN, DEFAULT_PROMPT_IDS
+from hal.models.config import ModelConfig, ModelConfigError, SUPPORTED
+from hal.models.generate import GenerationResult, PromptError, generate
+from hal.models.loader import CheckpointError, TensorSource, build_model, load_directory
+from hal.models.model import CausalLM
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def load(name_or_path, backend="auto", *, dtype=torch.float32, quantize=None, runtime=None,
+         show_progress: bool = False) -> CausalLM:
+    """Load a built-in model (``tiny-glm5``, ``tiny-deepseek-v32``, ``tiny-glm45``) or a Hugging
+    Face model directory, bound to ``backend`` (a name, or an existing ``runtime``).
+
+    dtype: torch.float32 / torch.bfloat16 (or their names) for the non-FP8 weights and activations.
+    quantize: None, or "fp8" to quantize every linear and expert weight to 128x128 block FP8 on load.
+    Raises CheckpointError / ModelConfigError naming the file or tensor, hal.BackendUnavailable.
+    """
+    import hal
+    dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
+    rt = runtime or hal.runtime(backend, profile=True)
+    if str(name_or_path) in BUILTIN:
+        from hal.models.builtin import random_weights
+        cfg = ModelConfig.from_dict(BUILTIN[str(name_or_path)])
+        model = build_model(cfg, TensorSource.from_dict(random_weights(str(name_or_path)), str(name_or_path)), rt,
+                            dtype=dtype, quantize=quantize)
+        model.source = str(name_or_path)
+        return model
+    return load_directory(name_or_path, rt, dtype=dtype, quantize=quantize, show_progress=show_progress)
+
+
+__all__ = ["load", "generate", "CausalLM", "GenerationResult", "ModelConfig", "ModelConfigError", "CheckpointError",
+           "PromptError", "BUILTIN", "SUPPORTED", "DEFAULT_PROMPT_IDS"]

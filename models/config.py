@@ -1,0 +1,111 @@
+"""Model configuration: one dataclass for the GLM-5, DeepSeek-V3.2 and GLM-4.5 families, read from
+a Hugging Face ``config.json`` (the field names transformers uses)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+SUPPORTED = {"glm_moe_dsa": "GLM-5 (MLA + DSA with shared indexer layers + MoE)",
+             "deepseek_v32": "DeepSeek-V3.2 (MLA + DSA + group-limited MoE)",
+             "glm4_moe": "GLM-4.5 / GLM-4.5-Air (GQA, partial RoPE, optional qk-norm + MoE)"}
+
+
+class ModelConfigError(ValueError):
+    """A config.json this package cannot run (unknown model_type, unsupported RoPE, bad fields)."""
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    moe_intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    n_routed_experts: int
+    num_experts_per_tok: int
+    n_shared_experts: int = 1
+    routed_scaling_factor: float = 1.0
+    n_group: int = 1
+    topk_group: int = 1
+    norm_topk_prob: bool = True
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_type: str = "default"
+    partial_rotary_factor: float = 1.0
+    max_position_embeddings: int = 4096
+    mlp_layer_types: tuple = ()
+    attention_bias: bool = False
+    tie_word_embeddings: bool = False
+    eos_token_id: tuple = ()
+    # MLA + DSA (glm_moe_dsa, deepseek_v32)
+    q_lora_rank: Optional[int] = None
+    kv_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    qk_nope_head_dim: int = 0
+    v_head_dim: int = 0
+    index_topk: int = 0
+    index_head_dim: int = 0
+    index_n_heads: int = 0
+    indexer_types: tuple = ()
+    # GQA (glm4_moe)
+    head_dim: int = 0
+    use_qk_norm: bool = False
+    quantization: Optional[dict] = None
+
+    @property
+    def is_mla(self) -> bool:
+        return self.model_type in ("glm_moe_dsa", "deepseek_v32")
+
+    @property
+    def indexer_rope_interleaved(self) -> bool:
+        """GLM-5's indexer rotates interleaved pairs; DeepSeek-V3.2's rotates halves."""
+        return self.model_type == "glm_moe_dsa"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        mt = d.get("model_type")
+        if mt not in SUPPORTED:
+            raise ModelConfigError(f"unsupported model_type {mt!r}; supported: " +
+                                   ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items()))
+        rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+        if rope_type != "default":
+            raise ModelConfigError(f"rope_type {rope_type!r} is not implemented yet (only 'default'); "
+                                   "YaRN-scaled checkpoints cannot run")
+        L = d["num_hidden_layers"]
+        fk = d.get("first_k_dense_replace", 0)
+        mlp_types = tuple(d.get("mlp_layer_types") or ["dense" if i < fk else "sparse" for i in range(L)])
+        eos = d.get("eos_token_id")
+        eos = tuple(eos) if isinstance(eos, (list, tuple)) else ((eos,) if eos is not None else ())
+        kw = dict(
+            model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
+            intermediate_size=d["intermediate_size"], moe_intermediate_size=d["moe_intermediate_size"],
+            num_hidden_layers=L, num_attention_heads=d["num_attention_heads"],
+            num_key_value_heads=d.get("num_key_value_heads", d["num_attention_heads"]),
+            n_routed_experts=d["n_routed_experts"], num_experts_per_tok=d["num_experts_per_tok"],
+            n_shared_experts=d.get("n_shared_experts", 1) or 0, routed_scaling_factor=d.get("routed_scaling_factor", 1.0),
+            n_group=d.get("n_group", 1) or 1, topk_group=d.get("topk_group", 1) or 1,
+            norm_topk_prob=d.get("norm_topk_prob", True), rms_norm_eps=d.get("rms_norm_eps", 1e-6),
+            rope_theta=rope.get("rope_theta", d.get("rope_theta", 10000.0)), rope_type=rope_type,
+            partial_rotary_factor=rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)),
+            max_position_embeddings=d.get("max_position_embeddings", 4096), mlp_layer_types=mlp_types,
+            attention_bias=d.get("attention_bias", False), tie_word_embeddings=d.get("tie_word_embeddings", False),
+            eos_token_id=eos, quantization=d.get("quantization_config"))
+        if mt in ("glm_moe_dsa", "deepseek_v32"):
+            kw.update(q_lora_rank=d.get("q_lora_rank"), kv_lora_rank=d["kv_lora_rank"],
+                      qk_rope_head_dim=d["qk_rope_head_dim"], qk_nope_head_dim=d["qk_nope_head_dim"],
+                      v_head_dim=d["v_head_dim"], index_topk=d["index_topk"], index_head_dim=d["index_head_dim"],
+                      index_n_heads=d["index_n_heads"],
+                      indexer_types=tuple(d.get("indexer_types") or ["full"] * L) if mt == "glm_moe_dsa"
+                      else ("full",) * L)
+            if kw["q_lora_rank"] is None:
+                raise ModelConfigError("MLA without q_lora_rank is not supported (no released DSA model uses it)")
+            if kw["indexer_types"] and kw["indexer_types"][0] != "full":
+                raise ModelConfigError("indexer_types[0] must be 'full': a shared layer reuses an earlier full one")
+        else:
+            kw.update(head_dim=d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"],
+                      use_qk_norm=d.get("use_qk_norm", False))
+        return cls(**kw)

@@ -1,0 +1,243 @@
+"""The building blocks: norms, RoPE, linear layers (bf16 or FP8 through the contract), MLA + DSA
+attention, GQA attention, dense MLP and MoE. Contract ops (MoE, sparse attention, FP8) go through
+the runtime ``rt``; everything else is plain torch, which runs on every device type."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as transformers computes it: normalize in fp32, cast back, scale."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
+    """cos, sin [..., dim] for integer positions [...] (the ``cat(freqs, freqs)`` layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=positions.device) / dim))
+    freqs = positions[..., None].float() * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (x0, x1), (x2, x3), ...; output in half-split layout (DeepSeek MLA, GLM-5)."""
+    half = cos.shape[-1] // 2
+    c, s = cos[..., :half], sin[..., :half]
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1)
+
+
+def rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the two halves (Llama style)."""
+    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+@dataclasses.dataclass
+class Linear:
+    """y = x @ W.T (+ b): W in the model dtype, or float8_e4m3fn with 128x128 block scales (then
+    the contract's ``fp8_linear`` runs it)."""
+
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor] = None
+    scale: Optional[torch.Tensor] = None
+
+    def __call__(self, x: torch.Tensor, rt) -> torch.Tensor:
+        if self.scale is not None:
+            return rt.fp8_linear(x, self.weight, self.scale, bias=self.bias)
+        return F.linear(x, self.weight, self.bias)
+
+    @property
+    def out_features(self) -> int:
+        return self.weight.shape[0]
+
+
+@dataclasses.dataclass
+class MLP:
+    gate: Linear
+    up: Linear
+    down: Linear
+
+    def __call__(self, x, rt):
+        return self.down(F.silu(self.gate(x, rt)) * self.up(x, rt), rt)
+
+
+@dataclasses.dataclass
+class MoE:
+    """Routed experts (through ``rt.moe_forward``) plus the shared experts."""
+
+    gate_weight: torch.Tensor              # [E, H] router
+    correction_bias: torch.Tensor          # [E] fp32
+    w_gate_up: torch.Tensor                # [E, 2I, H]
+    w_down: torch.Tensor                   # [E, H, I]
+    w_gate_up_scale: Optional[torch.Tensor]
+    w_down_scale: Optional[torch.Tensor]
+    shared: Optional[MLP]
+    top_k: int
+    n_group: int
+    topk_group: int
+    renormalize: bool
+    scaling_factor: float
+
+    def __call__(self, x, rt):
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        logits = F.linear(flat.float(), self.gate_weight.float())
+        y = rt.moe_forward(flat, logits, self.w_gate_up, self.w_down, top_k=self.top_k, scoring="sigmoid",
+                           correction_bias=self.correction_bias, n_group=self.n_group, topk_group=self.topk_group,
+                           renormalize=self.renormalize, scaling_factor=self.scaling_factor,
+                           w_gate_up_scale=self.w_gate_up_scale, w_down_scale=self.w_down_scale).view(shape)
+        if self.shared is not None:
+            y = y + self.shared(x, rt)
+        return y
+
+
+class KVCache:
+    """Per-layer cache tensors [B, capacity, ...], written at each sequence's own positions."""
+
+    def __init__(self, batch: int, capacity: int):
+        self.batch, self.capacity = batch, capacity
+        self.store: dict = {}
+
+    def write(self, key, new: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+        """Write new [B, S, ...] at positions start[b] + s; return the whole cache [B, capacity, ...]."""
+        buf = self.store.get(key)
+        if buf is None:
+            buf = self.store[key] = new.new_zeros((self.batch, self.capacity, *new.shape[2:]))
+        S = new.shape[1]
+        pos = start.view(-1, 1) + torch.arange(S, device=new.device).view(1, -1)       # [B, S]
+        pos = pos.clamp_max(self.capacity - 1)
+        idx = pos.view(*pos.shape, *([1] * (new.dim() - 2))).expand_as(new)
+        buf.scatter_(1, idx, new)
+        return buf
+
+
+@dataclasses.dataclass
+class Indexer:
+    """The DSA lightning indexer's projections (GLM-5 / DeepSeek-V3.2)."""
+
+    wq_b: Linear
+    wk: Linear
+    k_norm_weight: torch.Tensor
+    k_norm_bias: torch.Tensor
+    weights_proj: torch.Tensor             # [Hi, H], fp32
+    n_heads: int
+    head_dim: int
+    rope_dim: int
+    top_k: int
+    interleaved: bool
+
+    def __call__(self, x, q_resid, cos, sin, cache: KVCache, layer: int, start, lengths, rt):
+        B, S, _ = x.shape
+        q = self.wq_b(q_resid, rt).view(B, S, self.n_heads, self.head_dim)
+        k = F.layer_norm(self.wk(x, rt), (self.head_dim,), self.k_norm_weight, self.k_norm_bias, 1e-6)
+        rot = rope_interleaved if self.interleaved else rope_half
+        q = torch.cat([rot(q[..., :self.rope_dim], cos[:, :, None], sin[:, :, None]), q[..., self.rope_dim:]], -1)
+        k = torch.cat([rot(k[..., :self.rope_dim], cos, sin), k[..., self.rope_dim:]], -1)
+        k_all = cache.write((layer, "index_k"), k, start)
+        w = F.linear(x.float(), self.weights_proj.float()) * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
+        return rt.lightning_indexer(q, k_all, w.contiguous(), top_k=self.top_k, causal=True, q_offset=start,
+                                    k_lengths=lengths)
+
+
+@dataclasses.dataclass
+class MLAAttention:
+    """Multi-head latent attention with DSA: the latent (normalized compressed KV + rotated shared
+    key) is cached; keys/values are expanded from it; attention runs over the indexer's top-k."""
+
+    q_a: Linear
+    q_a_norm: torch.Tensor
+    q_b: Linear
+    kv_a: Linear
+    kv_a_norm: torch.Tensor
+    kv_b: Linear
+    o: Linear
+    indexer: Optional[Indexer]
+    n_heads: int
+    nope: int
+    rope: int
+    v_dim: int
+    kv_lora: int
+    eps: float
+    scale: float
+
+    def __call__(self, x, cos, sin, cache: KVCache, layer: int, start, lengths, prev_indices, rt):
+        B, S, _ = x.shape
+        q_resid = rms_norm(self.q_a(x, rt), self.q_a_norm, self.eps)
+        q = self.q_b(q_resid, rt).view(B, S, self.n_heads, self.nope + self.rope)
+        q = torch.cat([q[..., :self.nope], rope_interleaved(q[..., self.nope:], cos[:, :, None], sin[:, :, None])], -1)
+        ckv = self.kv_a(x, rt)
+        latent = rms_norm(ckv[..., :self.kv_lora], self.kv_a_norm, self.eps)
+        k_rot = rope_interleaved(ckv[..., self.kv_lora:], cos, sin)
+        latent_all = cache.write((layer, "latent"), latent, start)          # [B, T, kv_lora]
+        k_rot_all = cache.write((layer, "k_rot"), k_rot, start)             # [B, T, rope]
+        T = latent_all.shape[1]
+        kv = self.kv_b(latent_all, rt).view(B, T, self.n_heads, self.nope + self.v_dim)
+        k = torch.cat([kv[..., :self.nope], k_rot_all[:, :, None].expand(B, T, self.n_heads, self.rope)], -1)
+        v = kv[..., self.nope:]
+        if self.indexer is not None:
+            indices = self.indexer(x, q_resid, cos, sin, cache, layer, start, lengths, rt)
+        else:
+            indices = prev_indices
+        out = rt.sparse_attention(q, k.contiguous(), v.contiguous(), indices, scale=self.scale)
+        return self.o(out.reshape(B, S, -1), rt), indices
+
+
+@dataclasses.dataclass
+class GQAAttention:
+    """Grouped-query attention with partial RoPE and optional qk-norm (GLM-4.5), plain torch."""
+
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    q_norm: Optional[torch.Tensor]
+    k_norm: Optional[torch.Tensor]
+    n_heads: int
+    n_kv: int
+    head_dim: int
+    rotary_dim: int
+    eps: float
+
+    def __call__(self, x, cos, sin, cache: KVCache, layer: int, start, lengths, prev_indices, rt):
+        B, S, _ = x.shape
+        q = self.q(x, rt).view(B, S, self.n_heads, self.head_dim)
+        k = self.k(x, rt).view(B, S, self.n_kv, self.head_dim)
+        v = self.v(x, rt).view(B, S, self.n_kv, self.head_dim)
+        if self.q_norm is not None:
+            q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
+        rd = self.rotary_dim
+        q = torch.cat([rope_half(q[..., :rd], cos[:, :, None], sin[:, :, None]), q[..., rd:]], -1)
+        k = torch.cat([rope_half(k[..., :rd], cos[:, :, None], sin[:, :, None]), k[..., rd:]], -1)
+        k_all = cache.write((layer, "k"), k, start).repeat_interleave(self.n_heads // self.n_kv, dim=2)
+        v_all = cache.write((layer, "v"), v, start).repeat_interleave(self.n_heads // self.n_kv, dim=2)
+        T = k_all.shape[1]
+        scores = torch.einsum("bshd,bthd->bhst", q, k_all) * self.head_dim ** -0.5
+        key_pos = torch.arange(T, device=x.device).view(1, 1, T)
+        q_pos = start.view(-1, 1, 1) + torch.arange(S, device=x.device).view(1, S, 1)
+        visible = (key_pos <= q_pos) & (key_pos < lengths.view(-1, 1, 1))
+        scores = scores.masked_fill(~visible[:, None], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        out = torch.einsum("bhst,bthd->bshd", probs, v_all)
+        return self.o(out.reshape(B, S, -1), rt), None
+
+
+@dataclasses.dataclass
+class DecoderLayer:
+    attn: object
+    mlp: object
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    eps: float
+
+    def __call__(self, x, cos, sin, cache, layer, start, lengths, prev_indices, rt):
+        h, indices = self.attn(rms_norm(x, self.input_norm, self.eps), cos, sin, cache, layer, start, lengths,
+                               prev_indices, rt)
+        x = x + h
+        return x + self.mlp(rms_norm(x, self.post_norm, self.eps), rt), indices

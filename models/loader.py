@@ -1,0 +1,245 @@
+"""Loading: Hugging Face model directories (config.json + safetensors shards) into a CausalLM.
+
+Safetensors only (never pickle). FP8 checkpoints as published (a ``weight_scale_inv`` per
+128x128 block next to each float8_e4m3fn ``weight``) stay FP8 and run through ``fp8_linear`` and
+FP8 experts; ``quantize="fp8"`` quantizes a bf16/fp32 checkpoint on load. Every problem names the
+tensor or file: :class:`CheckpointError`.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from hal.models.config import ModelConfig, ModelConfigError
+from hal.models.layers import (DecoderLayer, GQAAttention, Indexer, Linear, MLAAttention, MLP, MoE)
+from hal.models.model import CausalLM
+
+FP8 = torch.float8_e4m3fn
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or tensor is missing, unreadable or of the wrong shape."""
+
+
+class TensorSource:
+    """name -> tensor over a set of safetensors files (or an in-memory dict), with shape checks."""
+
+    def __init__(self, tensors: dict[str, Callable[[], torch.Tensor]], where: str):
+        self._tensors, self.where = tensors, where
+        self.used: set[str] = set()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, torch.Tensor], where: str = "memory") -> "TensorSource":
+        return cls({k: (lambda v=v: v) for k, v in d.items()}, where)
+
+    @classmethod
+    def from_directory(cls, path: Path) -> "TensorSource":
+        from safetensors import safe_open
+        index = path / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in path.glob("*.safetensors"))
+            weight_map = None
+        if not files:
+            raise CheckpointError(f"{path}: no *.safetensors files (safetensors only; pickle checkpoints are refused)")
+        tensors: dict = {}
+        for fname in files:
+            f = path / fname
+            if not f.exists():
+                raise CheckpointError(f"{path}: shard {fname} listed in model.safetensors.index.json is missing")
+            try:
+                handle = safe_open(str(f), framework="pt")
+            except Exception as exc:  # noqa: BLE001
+                raise CheckpointError(f"{f}: not a readable safetensors file ({exc})") from exc
+            for name in handle.keys():
+                tensors[name] = (lambda h=handle, n=name: h.get_tensor(n))
+        if weight_map:
+            missing = [n for n in weight_map if n not in tensors]
+            if missing:
+                raise CheckpointError(f"{path}: tensor {missing[0]} is in the index but not in its shard")
+        return cls(tensors, str(path))
+
+    def has(self, name: str) -> bool:
+        return name in self._tensors
+
+    def get(self, name: str, shape: Optional[tuple] = None) -> torch.Tensor:
+        if name not in self._tensors:
+            raise CheckpointError(f"{self.where}: missing tensor {name}")
+        t = self._tensors[name]()
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"{self.where}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+        self.used.add(name)
+        return t
+
+
+class _Builder:
+    def __init__(self, cfg: ModelConfig, src: TensorSource, rt, dtype, device, quantize):
+        self.cfg, self.src, self.rt, self.dtype, self.device, self.quantize = cfg, src, rt, dtype, device, quantize
+
+    def t(self, name, shape=None, dtype=None):
+        return self.src.get(name, shape).to(device=self.device, dtype=dtype or self.dtype)
+
+    def linear(self, prefix, out_f, in_f, bias=False, quantizable=True) -> Linear:
+        w = self.src.get(f"{prefix}.weight", (out_f, in_f))
+        b = self.t(f"{prefix}.bias", (out_f,)) if bias else None
+        if w.dtype == FP8:
+            s = self.src.get(f"{prefix}.weight_scale_inv", (-(-out_f // 128), -(-in_f // 128)))
+            return Linear(w.to(self.device), b, s.to(self.device, torch.float32))
+        w = w.to(self.device, self.dtype)
+        if self.quantize == "fp8" and quantizable:
+            q, s = self.rt.fp8_quantize_weight(w)
+            return Linear(q, b, s)
+        return Linear(w, b)
+
+    def mlp(self, prefix, inter) -> MLP:
+        H = self.cfg.hidden_size
+        return MLP(self.linear(f"{prefix}.gate_proj", inter, H), self.linear(f"{prefix}.up_proj", inter, H),
+                   self.linear(f"{prefix}.down_proj", H, inter))
+
+    def experts(self, prefix):
+        """Stacked expert weights: [E, 2I, H] and [E, H, I] (+ block scales when FP8)."""
+        c, H, I, E = self.cfg, self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.cfg.n_routed_experts
+        if self.src.has(f"{prefix}.gate_up_proj"):                       # transformers' fused layout
+            gu = self.t(f"{prefix}.gate_up_proj", (E, 2 * I, H))
+            dn = self.t(f"{prefix}.down_proj", (E, H, I))
+            gus = dns = None
+        else:
+            gate = [self.linear(f"{prefix}.{e}.gate_proj", I, H, quantizable=False) for e in range(E)]
+            up = [self.linear(f"{prefix}.{e}.up_proj", I, H, quantizable=False) for e in range(E)]
+            down = [self.linear(f"{prefix}.{e}.down_proj", H, I, quantizable=False) for e in range(E)]
+            if gate[0].scale is not None:
+                if I % 128:
+                    # gate and up blocks would straddle one 128-row block once stacked: requantize
+                    deq = [self._dequant(g) for g in gate], [self._dequant(u) for u in up]
+                    pairs = [self.rt.fp8_quantize_weight(torch.cat([g, u])) for g, u in zip(*deq)]
+                    gu, gus = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+                else:
+                    gu = torch.stack([torch.cat([g.weight, u.weight]) for g, u in zip(gate, up)])
+                    gus = torch.stack([torch.cat([g.scale, u.scale]) for g, u in zip(gate, up)])
+                return gu, torch.stack([d.weight for d in down]), gus, torch.stack([d.scale for d in down])
+            gu = torch.stack([torch.cat([g.weight, u.weight]) for g, u in zip(gate, up)])
+            dn = torch.stack([d.weight for d in down])
+            gus = dns = None
+        if self.quantize == "fp8":
+            q = [self.rt.fp8_quantize_weight(w) for w in gu]
+            d = [self.rt.fp8_quantize_weight(w) for w in dn]
+            return (torch.stack([x[0] for x in q]), torch.stack([x[0] for x in d]),
+                    torch.stack([x[1] for x in q]), torch.stack([x[1] for x in d]))
+        return gu, dn, gus, dns
+
+    @staticmethod
+    def _dequant(lin: Linear) -> torch.Tensor:
+        s = lin.scale.repeat_interleave(128, 0)[: lin.weight.shape[0]].repeat_interleave(128, 1)[:, : lin.weight.shape[1]]
+        return lin.weight.float() * s
+
+    def moe(self, prefix) -> MoE:
+        c = self.cfg
+        gu, dn, gus, dns = self.experts(f"{prefix}.experts")
+        shared = self.mlp(f"{prefix}.shared_experts", c.moe_intermediate_size * c.n_shared_experts) \
+            if c.n_shared_experts else None
+        return MoE(self.t(f"{prefix}.gate.weight", (c.n_routed_experts, c.hidden_size)),
+                   self.t(f"{prefix}.gate.e_score_correction_bias", (c.n_routed_experts,), torch.float32),
+                   gu, dn, gus, dns, shared, c.num_experts_per_tok, c.n_group, c.topk_group, c.norm_topk_prob,
+                   c.routed_scaling_factor)
+
+    def mla(self, i, prefix) -> MLAAttention:
+        c, H = self.cfg, self.cfg.hidden_size
+        qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+        indexer = None
+        if c.indexer_types[i] == "full":
+            p = f"{prefix}.indexer"
+            indexer = Indexer(self.linear(f"{p}.wq_b", c.index_n_heads * c.index_head_dim, c.q_lora_rank),
+                              self.linear(f"{p}.wk", c.index_head_dim, H),
+                              self.t(f"{p}.k_norm.weight", (c.index_head_dim,)),
+                              self.t(f"{p}.k_norm.bias", (c.index_head_dim,)),
+                              self.t(f"{p}.weights_proj.weight", (c.index_n_heads, H), torch.float32),
+                              c.index_n_heads, c.index_head_dim, c.qk_rope_head_dim, c.index_topk,
+                              c.indexer_rope_interleaved)
+        return MLAAttention(
+            self.linear(f"{prefix}.q_a_proj", c.q_lora_rank, H, bias=c.attention_bias),
+            self.t(f"{prefix}.q_a_layernorm.weight", (c.q_lora_rank,)),
+            self.linear(f"{prefix}.q_b_proj", c.num_attention_heads * qk, c.q_lora_rank),
+            self.linear(f"{prefix}.kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, H, bias=c.attention_bias),
+            self.t(f"{prefix}.kv_a_layernorm.weight", (c.kv_lora_rank,)),
+            self.linear(f"{prefix}.kv_b_proj", c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank),
+            self.linear(f"{prefix}.o_proj", H, c.num_attention_heads * c.v_head_dim, bias=c.attention_bias),
+            indexer, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank,
+            1e-6, qk ** -0.5)
+
+    def gqa(self, prefix) -> GQAAttention:
+        c, H, D = self.cfg, self.cfg.hidden_size, self.cfg.head_dim
+        qn = self.t(f"{prefix}.q_norm.weight", (D,)) if c.use_qk_norm else None
+        kn = self.t(f"{prefix}.k_norm.weight", (D,)) if c.use_qk_norm else None
+        return GQAAttention(self.linear(f"{prefix}.q_proj", c.num_attention_heads * D, H, bias=c.attention_bias),
+                            self.linear(f"{prefix}.k_proj", c.num_key_value_heads * D, H, bias=c.attention_bias),
+                            self.linear(f"{prefix}.v_proj", c.num_key_value_heads * D, H, bias=c.attention_bias),
+                            self.linear(f"{prefix}.o_proj", H, c.num_attention_heads * D),
+                            qn, kn, c.num_attention_heads, c.num_key_value_heads, D,
+                            int(D * c.partial_rotary_factor), c.rms_norm_eps)
+
+    def build(self, progress=None) -> CausalLM:
+        c = self.cfg
+        layers = []
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}"
+            attn = self.mla(i, f"{p}.self_attn") if c.is_mla else self.gqa(f"{p}.self_attn")
+            mlp = self.moe(f"{p}.mlp") if c.mlp_layer_types[i] == "sparse" else self.mlp(f"{p}.mlp", c.intermediate_size)
+            layers.append(DecoderLayer(attn, mlp, self.t(f"{p}.input_layernorm.weight", (c.hidden_size,)),
+                                       self.t(f"{p}.post_attention_layernorm.weight", (c.hidden_size,)), c.rms_norm_eps))
+            if progress:
+                progress(i)
+        embed = self.t("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+        head = embed if c.tie_word_embeddings and not self.src.has("lm_head.weight") else \
+            self.t("lm_head.weight", (c.vocab_size, c.hidden_size))
+        return CausalLM(c, self.rt, embed, layers, self.t("model.norm.weight", (c.hidden_size,)), head, self.dtype,
+                        self.device)
+
+
+def build_model(cfg: ModelConfig, src: TensorSource, rt, *, dtype=torch.float32, quantize=None,
+                show_progress: bool = False) -> CausalLM:
+    """Assemble a CausalLM from tensors; the device is the runtime backend's device type."""
+    if quantize not in (None, "fp8"):
+        raise ValueError(f"quantize: expected None or 'fp8', got {quantize!r}")
+    device = torch.device(rt.device_type)
+    b = _Builder(cfg, src, rt, dtype, device, quantize)
+    bar = None
+    if show_progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.num_hidden_layers, desc=f"loading {src.where}", unit="layer")
+    try:
+        return b.build(progress=(lambda i: bar.update(1)) if bar else None)
+    finally:
+        if bar:
+            bar.close()
+
+
+def load_directory(path, rt, *, dtype=torch.float32, quantize=None, show_progress=False) -> CausalLM:
+    """Load a Hugging Face model directory (config.json + safetensors)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: not a directory (give a built-in model name or a Hugging Face model folder)")
+    cfg_file = path / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{path}: no config.json")
+    try:
+        cfg = ModelConfig.from_dict(json.loads(cfg_file.read_text()))
+    except KeyError as exc:
+        raise ModelConfigError(f"{cfg_file}: missing field {exc.args[0]!r}") from exc
+    if cfg.quantization:
+        q = cfg.quantization
+        if q.get("quant_method") not in ("fp8", None) or q.get("fmt", "e4m3") != "e4m3" or \
+                list(q.get("weight_block_size", [128, 128])) != [128, 128]:
+            raise ModelConfigError(f"{cfg_file}: quantization_config {q} is not the 128x128 e4m3 block format")
+    model = build_model(cfg, TensorSource.from_directory(path), rt, dtype=dtype, quantize=quantize,
+                        show_progress=show_progress)
+    model.source = str(path)
+    tok = path / "tokenizer.json"
+    if tok.exists():
+        from tokenizers import Tokenizer
+        model.tokenizer = Tokenizer.from_file(str(tok))
+    return model

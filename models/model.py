@@ -1,0 +1,49 @@
+"""The causal LM: embeddings, decoder layers, final norm and LM head, with a batched cache."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+
+from hal.models.config import ModelConfig
+from hal.models.layers import KVCache, rms_norm, rope_cos_sin
+
+
+@dataclasses.dataclass
+class CausalLM:
+    """A loaded model bound to a runtime. ``forward`` takes token ids [B, S] with per-sequence
+    cache offsets and returns logits [B, S, vocab] (fp32)."""
+
+    config: ModelConfig
+    rt: object
+    embed: torch.Tensor
+    layers: list
+    norm: torch.Tensor
+    lm_head: torch.Tensor
+    dtype: torch.dtype
+    device: torch.device
+    tokenizer: object = None
+    source: str = ""
+
+    @property
+    def rope_dim(self) -> int:
+        c = self.config
+        return c.qk_rope_head_dim if c.is_mla else int(c.head_dim * c.partial_rotary_factor)
+
+    def new_cache(self, batch: int, capacity: int) -> KVCache:
+        return KVCache(batch, capacity)
+
+    @torch.no_grad()
+    def forward(self, ids: torch.Tensor, cache: KVCache, start: torch.Tensor, n_new: torch.Tensor) -> torch.Tensor:
+        """ids [B, S] (right-padded); start [B]: tokens already cached per sequence; n_new [B]: real
+        new tokens per sequence (the rest is padding, masked out by lengths)."""
+        B, S = ids.shape
+        lengths = start + n_new
+        positions = start.view(-1, 1) + torch.arange(S, device=ids.device).view(1, -1)
+        cos, sin = rope_cos_sin(positions, self.rope_dim, self.config.rope_theta, self.dtype)
+        x = F.embedding(ids, self.embed)
+        indices = None
+        for i, layer in enumerate(self.layers):
+            x, indices = layer(x, cos, sin, cache, i, start, lengths, indices, self.rt)
+        return F.linear(rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head).float()

@@ -1,0 +1,95 @@
+"""``hal run``: generate with a model on a backend and show who ran what."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+from hal.cli import EXIT_BACKEND, EXIT_INPUT
+from hal.commands._common import emit_json, fail
+
+
+def _parse_ids(text: str) -> list[list[int]]:
+    """'1,2,3' -> [[1, 2, 3]]; several prompts separated by ';' ('1,2;3,4,5')."""
+    try:
+        return [[int(t) for t in part.split(",") if t.strip()] for part in text.split(";") if part.strip()]
+    except ValueError as exc:
+        raise click.BadParameter(f"expected comma-separated integers (';' between prompts), got {text!r}",
+                                 param_hint="--prompt-ids") from exc
+
+
+@click.command()
+@click.option("--backend", "-b", default="auto", show_default=True, help="Backend name, or auto (best available).")
+@click.option("--model", "-m", "model_name", default="tiny-glm5", show_default=True,
+              help="Built-in model (tiny-glm5, tiny-deepseek-v32, tiny-glm45) or a Hugging Face model folder.")
+@click.option("--prompt", "prompts", multiple=True, help="Prompt text (needs the folder's tokenizer.json); repeatable.")
+@click.option("--prompt-ids", "prompt_ids", help="Token ids, e.g. 1,2,3; several prompts: '1,2,3;4,5'.")
+@click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(1))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--seed", default=0, show_default=True, help="Sampling seed.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
+@click.option("--quantize", type=click.Choice(["fp8"]), default=None, help="Quantize weights to 128x128 block FP8 on load.")
+@click.option("--logits-out", type=click.Path(dir_okay=False), help="Write the prompt's prefill logits [B, S, vocab] (.npy).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def run(backend, model_name, prompts, prompt_ids, max_new_tokens, temperature, top_p, seed, dtype, quantize, logits_out,
+        as_json):
+    """Generate tokens with a model on a backend; print them, the speed and the runtime plan.
+
+    \b
+    hal run                                   tiny-glm5 on the best available backend
+    hal run --backend ascend --model tiny-deepseek-v32
+    hal run --model /path/to/GLM-4.5-Air --prompt "Hello"
+    hal run --prompt-ids 1,2,3 --max-new-tokens 8 --quantize fp8 --json
+
+    The plan lists every contract op with the backend that ran it, its path (native / emulated /
+    fallback), how many calls and how long. Built-in models have random weights: their tokens are
+    meaningless, their computation is the real architecture's. Exit codes: 0 ok, 2 bad option,
+    3 backend unavailable, 4 bad model folder, checkpoint or prompt.
+    """
+    import numpy as np
+
+    import hal
+    import hal.models as M
+    try:
+        model = M.load(model_name, backend, dtype=dtype, quantize=quantize, show_progress=not as_json)
+    except hal.BackendUnavailable as exc:
+        fail(str(exc), EXIT_BACKEND, as_json=as_json, backend=exc.backend, status=exc.status, reason=exc.reason)
+    except (M.CheckpointError, M.ModelConfigError, FileNotFoundError) as exc:
+        fail(str(exc), EXIT_INPUT, as_json=as_json)
+    if prompts and prompt_ids:
+        raise click.UsageError("give --prompt or --prompt-ids, not both")
+    if prompts:
+        if model.tokenizer is None:
+            fail(f"model {model_name!r} has no tokenizer.json: use --prompt-ids", EXIT_INPUT, as_json=as_json)
+        ids = [model.tokenizer.encode(p).ids for p in prompts]
+    elif prompt_ids:
+        ids = _parse_ids(prompt_ids)
+    else:
+        ids = [list(M.DEFAULT_PROMPT_IDS)]
+    try:
+        res = M.generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    except M.PromptError as exc:
+        fail(str(exc), EXIT_INPUT, as_json=as_json)
+    if logits_out:
+        np.save(logits_out, res.prefill_logits.numpy())
+    texts = [model.tokenizer.decode(t) for t in res.tokens] if model.tokenizer is not None else None
+    rt = model.rt
+    out = {"model": model.source, "model_type": model.config.model_type, "backend": rt.backend_name, "label": rt.label,
+           "dtype": dtype, "quantize": quantize, "prompts": res.prompts, "tokens": res.tokens, "text": texts,
+           "prefill_tokens_per_s": res.prefill_tokens_per_s, "decode_tokens_per_s": res.decode_tokens_per_s,
+           "prefill_s": res.prefill_s, "decode_s": res.decode_s, "plan": rt.plan_dict(), "logits_out": logits_out}
+    if as_json:
+        emit_json(out)
+        return
+    click.echo(f"model {model.source} ({model.config.model_type}, {dtype}{', fp8 weights' if quantize else ''}) "
+               f"on {rt.label}")
+    for b, toks in enumerate(res.tokens):
+        click.echo(f"[{b}] prompt {res.prompts[b]}")
+        click.echo(f"[{b}] output {texts[b]!r}" if texts else f"[{b}] output ids {toks}")
+    click.echo(f"prefill {res.prefill_tokens_per_s:.1f} tok/s ({res.prefill_s * 1e3:.1f} ms), "
+               f"decode {res.decode_tokens_per_s:.1f} tok/s ({res.decode_s * 1e3:.1f} ms)")
+    click.echo("\nruntime plan:\n" + rt.plan_table(with_stats=True))
+    if logits_out:
+        click.echo(f"prefill logits {tuple(res.prefill_logits.shape)} written to {logits_out}")
+    sys.stdout.flush()

@@ -1,0 +1,48 @@
+"""``fp8_quantize``: one fused Triton kernel (amax, scale, optional ue8m0 rounding, saturating cast).
+
+One program per (token row, 128-channel group); scales in fp32 or ue8m0; NaN in a group makes the
+whole group NaN, Inf makes its element NaN and the rest 0, exactly as the contract says.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from hal_cuda._triton import div_rn, e4m3_bits, next_pow2
+
+
+@triton.jit
+def _quantize_kernel(x_ptr, q_ptr, s_ptr, K, G, group_size, UE8M0: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    g = tl.program_id(1)
+    offs = g * group_size + tl.arange(0, BLOCK)
+    mask = (tl.arange(0, BLOCK) < group_size) & (offs < K)
+    x = tl.load(x_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)
+    has_nan = tl.sum((x != x).to(tl.int32), axis=0) > 0
+    amax = tl.max(tl.abs(x), axis=0)
+    s = tl.maximum(amax, 1e-4) / 448.0
+    if UE8M0:
+        s = tl.exp2(tl.ceil(tl.log2(s)))
+    s = tl.where(has_nan, float("nan"), s)
+    y = div_rn(x, s)
+    y = tl.where(y != y, y, tl.minimum(tl.maximum(y, -448.0), 448.0))
+    tl.store(q_ptr + row * K + offs, e4m3_bits(y), mask=mask)
+    tl.store(s_ptr + row * G + g, s)
+
+
+def quantize_rows(x2d: torch.Tensor, group_size: int, ue8m0: bool):
+    """x2d [M, K] -> (q [M, K] e4m3, scale [M, ceil(K/group)] fp32)."""
+    M, K = x2d.shape
+    G = triton.cdiv(K, group_size)
+    q = torch.empty((M, K), dtype=torch.uint8, device=x2d.device)
+    s = torch.empty((M, G), dtype=torch.float32, device=x2d.device)
+    if M and K:
+        _quantize_kernel[(M, G)](x2d.contiguous(), q, s, K, G, group_size, UE8M0=ue8m0, BLOCK=next_pow2(group_size))
+    return q.view(torch.float8_e4m3fn), s
+
+
+def fp8_quantize(x, *, group_size, scale_format):
+    K = x.shape[-1]
+    q, s = quantize_rows(x.reshape(-1, K), group_size, scale_format == "ue8m0")
+    return q.view(*x.shape), s.view(*x.shape[:-1], s.shape[-1])
+
+

@@ -83,6 +83,10 @@ def capability_table(cc) -> dict:
     """Per op: native, or (FP8 below compute capability 8.9) emulated: the same Triton kernels
     compute the fp8 values in fp32 on GPUs without FP8 tensor cores."""
     caps = {op: OpCapability("native", FLOATS, "Triton kernel") for op in OPS}
+    for op in ("moe_dispatch", "moe_combine"):
+        caps[op] = OpCapability("native", FLOATS, "device-side torch ops (histogram, prefix sum, permutation)")
+    caps["moe_forward"] = OpCapability("native", FLOATS + ("float8_e4m3fn",), "fused route kernel, sync-free dispatch, "
+                                       "grouped GEMMs, combine")
     caps["fp8_gemm"] = OpCapability("native", ("float8_e4m3fn",), "cuBLAS block-scaled FP8 on SM90, Triton elsewhere")
     caps["fp8_linear"] = OpCapability("native", FLOATS, "fused Triton quantize + FP8 GEMM")
     caps["moe_experts"] = OpCapability("native", FLOATS + ("float8_e4m3fn",),

@@ -14,6 +14,14 @@ Public API (nothing else is public):
 """
 from __future__ import annotations
 
+import os as _os
+
+# `import torch` auto-imports installed device extensions (torch_npu) and, when their vendor runtime
+# (CANN) is missing, raises and takes torch down with it. HAL imports vendor extensions itself,
+# lazily, in each backend's probe (which then reports the precise reason), so it turns torch's
+# auto-import off unless the user set the variable. Effective when hal is imported before torch.
+_os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
+
 __version__ = "0.1.0"
 
 from hal.backend import Availability, Backend, OpCapability

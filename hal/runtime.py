@@ -112,7 +112,10 @@ def make_bound_op(spec: OpSpec, kernel: Callable, *, supports: Optional[Callable
         + p.name + (f"=_d_{p.name}" if p.default is not inspect.Parameter.empty else "")
         for i, p in enumerate(params)) + ")"
     body = [f"    _validate({call})"] if validate else []
-    run = f"_kernel({call})"
+    first = params[0].name
+    if profile:
+        body += [f"    _dev = _device_of(({first},), {{}})", "    _t0 = _perf()"]
+    done = (["    _sync(_dev)", "    _entry.calls += 1", "    _entry.total_s += _perf() - _t0"] if profile else [])
     if supports is not None:
         body.append(f"    _why = _supports({call})")
         body.append("    if _why is not None:")
@@ -121,17 +124,12 @@ def make_bound_op(spec: OpSpec, kernel: Callable, *, supports: Optional[Callable
         body.append("        _entry.fallback_calls += 1")
         body.append("        _entry.fallback_reason = _why")
         body.append("        _warn(_op, _backend, _why)")
-        body.append(f"        return _fallback({call})")
-    if profile:
-        body.append(f"    _dev = _device_of(({call.split(',')[0].split('=')[-1]},), {{}})")
-        body.append("    _t0 = _perf()")
-        body.append(f"    _out = {run}")
-        body.append("    _sync(_dev)")
-        body.append("    _entry.calls += 1")
-        body.append("    _entry.total_s += _perf() - _t0")
-        body.append("    return _out")
-    else:
-        body.append(f"    return {run}")
+        body.append(f"        _out = _fallback({call})")
+        body += ["    " + line for line in done]
+        body.append("        return _out")
+    body.append(f"    _out = _kernel({call})")
+    body += done
+    body.append("    return _out")
     src = f"def {spec.name}{header}:\n" + "\n".join(body) + "\n"
     exec(compile(src, f"<hal bound op {spec.name}>", "exec"), env)  # noqa: S102 - generated from the spec
     fn = env[spec.name]

@@ -24,6 +24,7 @@ def _run(args, interpret=True, timeout=600, **env):
     e = {k: v for k, v in os.environ.items() if k not in ("HAL_CUDA_INTERPRET", "TRITON_INTERPRET")}
     if interpret:
         e["HAL_CUDA_INTERPRET"] = "1"
+    e.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")      # torch_npu without CANN must not break `import torch`
     e.update(env)
     return subprocess.run(args, capture_output=True, text=True, env=e, timeout=timeout, cwd=ROOT)
 

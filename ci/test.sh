@@ -3,7 +3,8 @@
 # Installs everything the tests need by itself, then runs the whole suite on the CPU:
 #   - torch 2.13.0 CPU build first, so that nothing below pulls a CUDA build of torch;
 #   - the core (editable, with its test extra) and every backend package under backends/ that has
-#     a pyproject.toml (hal-cuda: Triton, tested under the Triton interpreter);
+#     a pyproject.toml (hal-cuda: Triton, tested under the Triton interpreter; hal-ascend: torch-npu,
+#     tested through its emulator and, since CANN is absent, its real-import failure path);
 # Extra arguments go to pytest, e.g. `bash ci/test.sh -k registry`.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -10,7 +10,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 "$PY" -m pip install --disable-pip-version-check -q "torch==2.13.0"
+"$PY" -m pip install --disable-pip-version-check -q -e ".[test]"
+# the backend packages, editable, without their heavy runtime dependencies ...
 backends=()
-for b in backends/*/pyproject.toml; do backends+=(-e "$(dirname "$b")"); done   # every backend package here
-"$PY" -m pip install --disable-pip-version-check -q -e ".[test]" "${backends[@]}"
+for b in backends/*/pyproject.toml; do backends+=(-e "$(dirname "$b")"); done
+"$PY" -m pip install --disable-pip-version-check -q --no-deps "${backends[@]}"
+# ... then hal-cuda's (Triton runs the kernels under its interpreter) ...
+"$PY" -m pip install --disable-pip-version-check -q "triton>=3.4" pyyaml   # pyyaml: torch-npu imports it
+# ... and the real torch-npu wheel in a side folder, not in site-packages: without CANN an importable
+# torch_npu makes `import transformers` raise (transformers probes it at import), so only the tests
+# of hal-ascend's real-import path put it on their PYTHONPATH (HAL_TEST_TORCH_NPU_PATH)
+export HAL_TEST_TORCH_NPU_PATH="$PWD/.hal-test-deps/torch-npu"
+if [ ! -d "$HAL_TEST_TORCH_NPU_PATH/torch_npu" ]; then
+  "$PY" -m pip install --disable-pip-version-check -q --no-deps --target "$HAL_TEST_TORCH_NPU_PATH" "torch-npu==2.13.0"
+fi
 "$PY" -m pytest -q --durations=20 "$@"

@@ -54,6 +54,7 @@ class ModelConfig:
     head_dim: int = 0
     use_qk_norm: bool = False
     quantization: Optional[dict] = None
+    rope_parameters: dict = dataclasses.field(default_factory=dict)
 
     @property
     def is_mla(self) -> bool:
@@ -72,9 +73,10 @@ class ModelConfig:
                                    ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items()))
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
-        if rope_type != "default":
-            raise ModelConfigError(f"rope_type {rope_type!r} is not implemented yet (only 'default'); "
-                                   "YaRN-scaled checkpoints cannot run")
+        if rope_type not in ("default", "yarn"):
+            raise ModelConfigError(f"rope_type {rope_type!r} is not implemented (default and yarn are)")
+        if rope_type == "yarn" and ("factor" not in rope or "original_max_position_embeddings" not in rope):
+            raise ModelConfigError("yarn rope_parameters need 'factor' and 'original_max_position_embeddings'")
         L = d["num_hidden_layers"]
         fk = d.get("first_k_dense_replace", 0)
         mlp_types = tuple(d.get("mlp_layer_types") or ["dense" if i < fk else "sparse" for i in range(L)])
@@ -93,7 +95,9 @@ class ModelConfig:
             partial_rotary_factor=rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)),
             max_position_embeddings=d.get("max_position_embeddings", 4096), mlp_layer_types=mlp_types,
             attention_bias=d.get("attention_bias", False), tie_word_embeddings=d.get("tie_word_embeddings", False),
-            eos_token_id=eos, quantization=d.get("quantization_config"))
+            eos_token_id=eos, quantization=d.get("quantization_config"),
+            rope_parameters={"rope_theta": rope.get("rope_theta", d.get("rope_theta", 10000.0)), **rope,
+                             "rope_type": rope_type})
         if mt in ("glm_moe_dsa", "deepseek_v32"):
             kw.update(q_lora_rank=d.get("q_lora_rank"), kv_lora_rank=d["kv_lora_rank"],
                       qk_rope_head_dim=d["qk_rope_head_dim"], qk_nope_head_dim=d["qk_nope_head_dim"],

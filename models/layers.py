@@ -17,12 +17,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
-def rope_cos_sin(positions: torch.Tensor, dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin [..., dim] for integer positions [...] (the ``cat(freqs, freqs)`` layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=positions.device) / dim))
-    freqs = positions[..., None].float() * inv_freq
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float, dtype: torch.dtype):
+    """cos, sin [..., dim] for integer positions [...] (the ``cat(freqs, freqs)`` layout), scaled by
+    the RoPE attention factor (1 for default RoPE; YaRN's mscale ratio)."""
+    freqs = positions[..., None].float() * inv_freq.to(positions.device)
     emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
+    return (emb.cos() * attention_factor).to(dtype), (emb.sin() * attention_factor).to(dtype)
 
 
 def rope_interleaved(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

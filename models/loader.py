@@ -16,6 +16,7 @@ import torch
 from hal.models.config import ModelConfig, ModelConfigError
 from hal.models.layers import (DecoderLayer, GQAAttention, Indexer, Linear, MLAAttention, MLP, MoE)
 from hal.models.model import CausalLM
+from hal.models.rope import mla_softmax_scale
 
 FP8 = torch.float8_e4m3fn
 
@@ -169,7 +170,7 @@ class _Builder:
             self.linear(f"{prefix}.kv_b_proj", c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank),
             self.linear(f"{prefix}.o_proj", H, c.num_attention_heads * c.v_head_dim, bias=c.attention_bias),
             indexer, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank,
-            1e-6, qk ** -0.5)
+            1e-6, mla_softmax_scale(c.rope_parameters, qk))
 
     def gqa(self, prefix) -> GQAAttention:
         c, H, D = self.cfg, self.cfg.hidden_size, self.cfg.head_dim

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from hal.models.config import ModelConfig
 from hal.models.layers import KVCache, rms_norm, rope_cos_sin
+from hal.models.rope import inv_freq_and_scaling
 
 
 @dataclasses.dataclass
@@ -41,7 +42,8 @@ class CausalLM:
         B, S = ids.shape
         lengths = start + n_new
         positions = start.view(-1, 1) + torch.arange(S, device=ids.device).view(1, -1)
-        cos, sin = rope_cos_sin(positions, self.rope_dim, self.config.rope_theta, self.dtype)
+        inv_freq, factor = inv_freq_and_scaling(self.config.rope_parameters, self.rope_dim)
+        cos, sin = rope_cos_sin(positions, inv_freq, factor, self.dtype)
         x = F.embedding(ids, self.embed)
         indices = None
         for i, layer in enumerate(self.layers):

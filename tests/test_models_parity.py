@@ -23,6 +23,12 @@ FAMILIES = {
     # group-limited routing n_group > 1 (DeepSeek-V3.2), half-split indexer RoPE
     "deepseek_v32": ("DeepseekV32Config", "DeepseekV32ForCausalLM",
                      dict(**COMMON, **MLA, n_group=4, topk_group=2, routed_scaling_factor=2.5)),
+    # YaRN RoPE with mscale (the released DeepSeek-V3.2 / GLM-5 configs use it)
+    "deepseek_v32_yarn": ("DeepseekV32Config", "DeepseekV32ForCausalLM",
+                          dict(**COMMON, **MLA, n_group=4, topk_group=2, routed_scaling_factor=2.5,
+                               rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                                                "original_max_position_embeddings": 64, "beta_fast": 32,
+                                                "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0})),
     # GQA, partial RoPE, qk-norm, attention bias (GLM-4.5)
     "glm4_moe": ("Glm4MoeConfig", "Glm4MoeForCausalLM",
                  dict(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16, use_qk_norm=True,
@@ -60,7 +66,7 @@ def saved(request, tmp_path_factory):
 def test_prefill_logits_match_transformers_fp32(saved):
     family, hf, d = saved
     ours = M.load(d, "cpu")
-    assert ours.config.model_type == family
+    assert ours.config.model_type == family.replace("_yarn", "")
     ids = torch.randint(0, 128, (2, SEQ), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = hf(ids).logits

@@ -46,10 +46,16 @@ def e4m3_bits(v):
     return tl.where(neg_zero, 0x80, code).to(tl.uint8)
 
 
-@triton.jit
-def div_rn(a, b):
-    """IEEE division (Triton's ``/`` may be approximate on the GPU)."""
-    return tl.div_rn(a, b)
+if hasattr(tl, "div_rn"):
+    @triton.jit
+    def div_rn(a, b):
+        """IEEE division (Triton's ``/`` may be approximate on the GPU)."""
+        return tl.div_rn(a, b)
+else:  # older Triton releases keep it under tl.math
+    @triton.jit
+    def div_rn(a, b):
+        """IEEE division (Triton's ``/`` may be approximate on the GPU)."""
+        return tl.math.div_rn(a, b)
 
 
 def next_pow2(n: int) -> int:

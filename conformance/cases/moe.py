@@ -126,6 +126,11 @@ def _combine_cases(shapes):
             w = torch.rand(T, k, generator=g)
             return (randn(g, plan.hidden.shape[0], H, dtype=torch.bfloat16), plan, w), {}
         out.append(Case("moe_combine", name, build))
+
+    def dense(g, T=shapes[-1][1], E=shapes[-1][2], k=shapes[-1][3], H=shapes[-1][6]):
+        plan = _plan(g, T, E, k, H, align=1)          # one row per token copy, as moe_forward builds it
+        return (randn(g, plan.hidden.shape[0], H, dtype=torch.bfloat16), plan, torch.rand(T, k, generator=g)), {}
+    out.append(Case("moe_combine", "one_row_per_copy", dense))
     return out
 
 

@@ -253,3 +253,37 @@ def npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, s
             p = torch.where(any_valid, torch.softmax(s, -1), 0.0)
             out[b, :, n2 * G:(n2 + 1) * G] = torch.einsum("tgk,tkd->tgd", p, v).to(query.dtype)
     return out
+
+
+def npu_moe_finalize_routing(expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row,
+                             export_for_source_row, drop_pad_mode=0, k=1):
+    """out[i] = skip1[i] + skip2[i] + sum_k scales[i, k] * (rows[src_to_dst[i + k * NUM_ROWS]] +
+    bias[expert[i, k]]). rows [NUM_ROWS * K, H] float16/bfloat16/float32; scales [NUM_ROWS, K] with
+    the rows' dtype; src_to_dst int32 in [0, NUM_ROWS * K) (drop_pad_mode 0: every copy has a row).
+    Assumption (undocumented): the sum accumulates in fp32 and is rounded to the rows' dtype."""
+    op = "npu_moe_finalize_routing"
+    rows = expanded_permuted_rows
+    _need(rows.dim() == 2 and rows.dtype in FLOATS, op, "expanded_permuted_rows must be 2-D float16/bfloat16/float32")
+    _need(drop_pad_mode == 0, op, "only drop_pad_mode=0 is supported")
+    _need(skip2 is not None or skip1 is None, op, "skip1 needs skip2")
+    R = rows.shape[0]
+    K = scales.shape[1] if scales is not None else k
+    _need(R % K == 0, op, "expanded_permuted_rows must have NUM_ROWS * K rows")
+    T = R // K
+    _need(scales is None or (scales.dtype == rows.dtype and tuple(scales.shape) == (T, K)), op,
+          "scales must be [NUM_ROWS, K] with the rows' dtype")
+    _need(expanded_src_to_dst_row.dtype == torch.int32 and expanded_src_to_dst_row.shape == (R,), op,
+          "expanded_src_to_dst_row must be [NUM_ROWS * K] int32")
+    _need(bool(((expanded_src_to_dst_row >= 0) & (expanded_src_to_dst_row < R)).all()), op,
+          "expanded_src_to_dst_row values must lie in [0, NUM_ROWS * K)")
+    _need(bias is None or export_for_source_row is not None, op, "bias needs export_for_source_row")
+    dst = expanded_src_to_dst_row.long().view(K, T)                  # index i + k * NUM_ROWS
+    picked = rows.float()[dst]                                       # [K, T, H]
+    if bias is not None:
+        picked = picked + bias.float()[export_for_source_row.long().t()]
+    w = scales.float().t()[..., None] if scales is not None else 1.0
+    out = (picked * w).sum(0)
+    for s in (skip1, skip2):
+        if s is not None:
+            out = out + s.float()
+    return out.to(rows.dtype)

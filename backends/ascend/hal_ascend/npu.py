@@ -1,8 +1,8 @@
 """The seam: the torch_npu functions the backend calls, real or emulated.
 
 ``ops()`` returns an object with ``npu_moe_gating_top_k``, ``npu_moe_gating_top_k_softmax``,
-``npu_moe_init_routing_v2``, ``npu_grouped_matmul``, ``npu_swiglu``, ``npu_lightning_indexer`` and
-``npu_sparse_flash_attention``: ``torch_npu`` (and its ``custom`` namespace for the DSA ops) on
+``npu_moe_init_routing_v2``, ``npu_grouped_matmul``, ``npu_swiglu``, ``npu_lightning_indexer``,
+``npu_sparse_flash_attention`` and ``npu_moe_finalize_routing``: ``torch_npu`` (and its ``custom`` namespace for the DSA ops) on
 real hardware, :mod:`hal_ascend.emulator` when ``HAL_ASCEND_EMULATE=1``. The backend's kernels are
 the same code in both modes.
 """
@@ -12,7 +12,7 @@ import os
 import types
 
 NAMES = ("npu_moe_gating_top_k", "npu_moe_gating_top_k_softmax", "npu_moe_init_routing_v2", "npu_grouped_matmul",
-         "npu_swiglu", "npu_lightning_indexer", "npu_sparse_flash_attention")
+         "npu_swiglu", "npu_lightning_indexer", "npu_sparse_flash_attention", "npu_moe_finalize_routing")
 
 
 def emulating() -> bool:

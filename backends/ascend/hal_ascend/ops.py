@@ -134,6 +134,22 @@ def moe_combine(expert_out, plan, weights):
     return out.to(expert_out.dtype)
 
 
+def finalize_supports(expert_out, plan, weights):
+    if plan.hidden.shape[0] != plan.num_tokens * plan.top_k:
+        return "npu_moe_finalize_routing needs one row per token copy (no -1 ids, no padding: align 1)"
+    return None
+
+
+def moe_combine_finalize(expert_out, plan, weights):
+    """npu_moe_finalize_routing: the fused combine (its scales take the rows' dtype)."""
+    T, k = plan.num_tokens, plan.top_k
+    dst = torch.empty(T * k, dtype=torch.int32, device=expert_out.device)
+    copy = plan.source                                                 # row r holds copy t * k + slot
+    dst[(copy % k) * T + copy // k] = torch.arange(copy.numel(), dtype=torch.int32, device=expert_out.device)
+    return npu().npu_moe_finalize_routing(expert_out.contiguous(), None, None, None, weights.to(expert_out.dtype),
+                                          dst, None, drop_pad_mode=0, k=k)
+
+
 def forward_supports(hidden, router_logits, w_gate_up, w_down, *, top_k, scoring, correction_bias, n_group, topk_group,
                      renormalize, scaling_factor, activation, w_gate_up_scale, w_down_scale):
     return route_supports(router_logits, top_k=top_k, scoring=scoring, correction_bias=correction_bias,

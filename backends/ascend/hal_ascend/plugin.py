@@ -15,6 +15,11 @@ def emulating() -> bool:
     return os.environ.get("HAL_ASCEND_EMULATE", "") not in ("", "0")
 
 
+def combine_path() -> str:
+    """moe_combine's implementation: "torch" (default) or "finalize_routing" (HAL_ASCEND_COMBINE)."""
+    return os.environ.get("HAL_ASCEND_COMBINE", "torch")
+
+
 def import_failure_reason(exc: BaseException) -> str:
     """A precise sentence for a failed ``import torch_npu``."""
     msg = str(exc)
@@ -43,7 +48,8 @@ def soc_family(name: str) -> str:
 
 def capability_table(soc: str) -> dict:
     """Per op: path and note for a chip family."""
-    from hal_ascend.ops import attention_supports, forward_supports, indexer_supports, route_supports
+    from hal_ascend.ops import (attention_supports, finalize_supports, forward_supports, indexer_supports,
+                                route_supports)
     halves = ("bfloat16", "float16")
     caps = {
         "moe_route": OpCapability("native", ("float32", "bfloat16", "float16"), "npu_moe_gating_top_k (sigmoid) / "
@@ -51,7 +57,11 @@ def capability_table(soc: str) -> dict:
         "moe_dispatch": OpCapability("native", ("float32", "bfloat16", "float16"), "npu_moe_init_routing_v2 "
                                      "(+ padding to align with torch ops)"),
         "moe_experts": OpCapability("native", ("float32", "bfloat16", "float16"), "npu_grouped_matmul + npu_swiglu"),
-        "moe_combine": OpCapability("native", ("float32", "bfloat16", "float16"), "torch ops on the NPU"),
+        "moe_combine": (OpCapability("native", ("float32", "bfloat16", "float16"), "npu_moe_finalize_routing "
+                                     "(HAL_ASCEND_COMBINE=finalize_routing)", supports=finalize_supports)
+                        if combine_path() == "finalize_routing" else
+                        OpCapability("native", ("float32", "bfloat16", "float16"), "torch ops on the NPU (fp32 "
+                                     "weights; npu_moe_finalize_routing rounds them to the rows' dtype)")),
         "moe_forward": OpCapability("native", ("float32", "bfloat16", "float16"), "route -> init_routing_v2 -> "
                                     "grouped_matmul -> combine", supports=forward_supports),
         "lightning_indexer": OpCapability("native", halves, "npu_lightning_indexer (BSND, sparse_mode 3/0)",
@@ -114,6 +124,8 @@ class AscendBackend(Backend):
         from hal_ascend import ops
         k = {name: getattr(ops, name) for name in ("moe_route", "moe_dispatch", "moe_experts", "moe_combine",
                                                    "moe_forward", "lightning_indexer", "sparse_attention")}
+        if combine_path() == "finalize_routing":
+            k["moe_combine"] = ops.moe_combine_finalize
         k.update({op: KERNELS[op] for op in FP8_OPS})          # the declared emulation (see capability_table)
         return k
 

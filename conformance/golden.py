@@ -16,7 +16,6 @@ import dataclasses
 import hashlib
 import json
 import time
-import traceback
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -25,9 +24,7 @@ import torch
 from hal.contract import CONTRACT, CONTRACT_VERSION, DispatchPlan
 from hal.conformance import tensorproto
 from hal.conformance.cases import catalog
-from hal.conformance.runner import (BackendRun, BoundBackend, CaseResult, flatten_outputs, identical, judge,
-                                    reference_outputs, to_device)
-from hal.errors import UnsupportedCase
+from hal.conformance.runner import BackendRun, BoundBackend, CaseResult, reference_outputs, run_and_judge
 
 MANIFEST = "manifest.json"
 GOLDEN_VERSION = "1.0"
@@ -184,23 +181,7 @@ def certify_golden(golden_dir, backend: str, *, ops=None,
             except CorruptVector as exc:
                 res.status, res.reason = "CORRUPT", str(exc)
             else:
-                try:
-                    runs = []
-                    for _ in range(2):
-                        out = bound.ops[e["op"]](*to_device(args, bound.device),
-                                                 **{k: to_device(v, bound.device) for k, v in kwargs.items()})
-                        runs.append([t.detach().cpu() for t in flatten_outputs(out)])
-                    res.outputs = judge(e["op"], args, kwargs, runs[0], truth, ref)
-                    failed = [o for o in res.outputs if not o.passed]
-                    if failed:
-                        res.status = "FAIL"
-                        res.reason = "; ".join(f"{o.name}: {o.message}" for o in failed)
-                    elif not identical(runs[0], runs[1]):
-                        res.status, res.reason = "NONDETERMINISTIC", "two runs on the same inputs differ bitwise"
-                except UnsupportedCase as exc:
-                    res.status, res.reason = "UNSUPPORTED", exc.reason
-                except Exception as exc:  # noqa: BLE001
-                    res.status, res.reason, res.traceback = "ERROR", f"{type(exc).__name__}: {exc}", traceback.format_exc()
+                run_and_judge(bound, e["op"], args, kwargs, truth, ref, res)
         res.duration_s = time.perf_counter() - t0
         run.results.append(res)
         if progress:

@@ -148,7 +148,15 @@ def run_case(bound: BoundBackend, case: Case, seed: int) -> CaseResult:
     except Exception as exc:  # noqa: BLE001 - a catalog/reference problem is reported, not hidden
         res.status, res.reason, res.traceback = "ERROR", f"reference failed: {type(exc).__name__}: {exc}", traceback.format_exc()
         return res
-    fn = bound.ops[case.op]
+    run_and_judge(bound, case.op, args, kwargs, truth, ref, res)
+    res.duration_s = time.perf_counter() - t0
+    return res
+
+
+def run_and_judge(bound: BoundBackend, op: str, args, kwargs, truth, ref, res: CaseResult) -> None:
+    """Run ``op`` twice on the backend and set ``res``: PASS / FAIL / NONDETERMINISTIC /
+    UNSUPPORTED / ERROR, with the per-output checks."""
+    fn = bound.ops[op]
     runs = []
     try:
         for _ in range(2):
@@ -156,20 +164,17 @@ def run_case(bound: BoundBackend, case: Case, seed: int) -> CaseResult:
             runs.append([t.detach().cpu() for t in flatten_outputs(out)])
     except UnsupportedCase as exc:
         res.status, res.reason = "UNSUPPORTED", exc.reason
-        return res
-    except Exception as exc:  # noqa: BLE001
+        return
+    except Exception as exc:  # noqa: BLE001 - a backend's exception is a result, kept with its traceback
         res.status, res.reason, res.traceback = "ERROR", f"{type(exc).__name__}: {exc}", traceback.format_exc()
-        res.duration_s = time.perf_counter() - t0
-        return res
-    res.outputs = judge(case.op, args, kwargs, runs[0], truth, ref)
+        return
+    res.outputs = judge(op, args, kwargs, runs[0], truth, ref)
     failed = [o for o in res.outputs if not o.passed]
     if failed:
         res.status = "FAIL"
         res.reason = "; ".join(f"{o.name}: {o.message}" for o in failed)
     elif not identical(runs[0], runs[1]):
         res.status, res.reason = "NONDETERMINISTIC", "two runs on the same inputs differ bitwise"
-    res.duration_s = time.perf_counter() - t0
-    return res
 
 
 @dataclasses.dataclass

@@ -118,20 +118,10 @@ def moe_experts(plan, w_gate_up, w_down, *, activation, w_gate_up_scale, w_down_
 
 
 def moe_combine(expert_out, plan, weights):
-    """Plain torch ops on the NPU (see docs/ascend.md for npu_moe_finalize_routing)."""
-    T, k, H = plan.num_tokens, plan.top_k, expert_out.shape[1]
-    dev = expert_out.device
-    row_of_copy = torch.full((T * k + 1,), -1, dtype=torch.int64, device=dev)
-    real = plan.source >= 0
-    row_of_copy[torch.where(real, plan.source, T * k)] = torch.arange(plan.source.numel(), device=dev)
-    row_of_copy = row_of_copy[: T * k]
-    rows = torch.cat([expert_out.float(), torch.zeros(1, H, device=dev)])
-    per_slot = rows[row_of_copy].view(T, k, H)
-    w = torch.where(row_of_copy.view(T, k) >= 0, weights.float(), 0.0)
-    out = torch.zeros((T, H), dtype=torch.float32, device=dev)
-    for slot in range(k):
-        out = out + w[:, slot, None] * per_slot[:, slot]
-    return out.to(expert_out.dtype)
+    """Plain torch ops on the NPU, sync-free (:func:`hal.portable.moe_combine`); see docs/ascend.md
+    for why this, not npu_moe_finalize_routing, is the default."""
+    from hal.portable import moe_combine as portable
+    return portable(expert_out, plan, weights)
 
 
 def finalize_supports(expert_out, plan, weights):

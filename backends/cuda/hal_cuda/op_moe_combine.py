@@ -1,19 +1,6 @@
-"""``moe_combine``: scatter each row back to its (token, slot), then a weighted sum over slots in
-fp32 in slot order (torch ops on the device, no host sync)."""
-import torch
+"""``moe_combine``: torch ops on the device, no host sync (:func:`hal.portable.moe_combine`): the
+scatter and the weighted slot sum are memory-bound gathers that torch's kernels already run at
+bandwidth; a dedicated Triton kernel is not worth its code until a GPU profile says otherwise."""
+from hal.portable import moe_combine
 
-
-def moe_combine(expert_out, plan, weights):
-    T, k, H = plan.num_tokens, plan.top_k, expert_out.shape[1]
-    dev = expert_out.device
-    real = plan.source >= 0
-    row_of_copy = torch.full((T * k + 1,), -1, dtype=torch.int64, device=dev)
-    row_of_copy[torch.where(real, plan.source, T * k)] = torch.arange(plan.source.numel(), device=dev)
-    row_of_copy = row_of_copy[:T * k]
-    rows = torch.cat([expert_out.float(), torch.zeros(1, H, device=dev)])
-    per_slot = rows[row_of_copy].view(T, k, H)
-    w = torch.where(row_of_copy.view(T, k) >= 0, weights.float(), 0.0)
-    out = torch.zeros((T, H), dtype=torch.float32, device=dev)
-    for slot in range(k):
-        out = out + w[:, slot, None] * per_slot[:, slot]
-    return out.to(expert_out.dtype)
+__all__ = ["moe_combine"]

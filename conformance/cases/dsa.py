@@ -14,8 +14,10 @@ INDEXER_FULL = [("glm5_prefill", 1, 512, 4096, 32, 128, 2048), ("deepseek_v32_pr
 ATTN_QUICK = [("S0", 1, 0, 8, 2, 2, 32, 32, 4), ("L1", 1, 1, 1, 2, 1, 32, 32, 4), ("MHA", 2, 6, 20, 4, 4, 32, 32, 8),
               ("GQA", 1, 5, 24, 8, 2, 64, 64, 12), ("MQA", 1, 4, 16, 4, 1, 32, 16, 6),
               ("MLA_576_512", 1, 2, 24, 4, 1, 576, 512, 8)]
-ATTN_FULL = [("MLA_decode", 8, 1, 8192, 64, 1, 576, 512, 2048), ("MHA_prefill", 1, 256, 4096, 16, 16, 128, 128, 2048),
-             ("GQA_prefill", 1, 256, 4096, 32, 8, 128, 128, 2048)]
+# the float64 reference gathers K keys per query and head group: B * S * K * Hk * D values, so the
+# full level keeps S small where Hk is large (MHA) -- about 1 GB of fp64 per case
+ATTN_FULL = [("MLA_decode", 8, 1, 8192, 64, 1, 576, 512, 2048), ("MHA_prefill", 1, 32, 4096, 16, 16, 128, 128, 2048),
+             ("GQA_prefill", 1, 64, 4096, 32, 8, 128, 128, 2048)]
 
 
 def _indexer_case(name, B, S, L, Hi, D, top_k, *, dtype=torch.bfloat16, lengths=False, causal=True):

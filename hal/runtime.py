@@ -28,7 +28,6 @@ from hal.errors import BackendUnavailable, UnsupportedCase
 from hal.registry import BackendRecord, Registry, get_registry
 
 FALLBACKS = ("reference", "error")
-AUTO_ORDER_DOC = "the available backend with the highest priority (cuda 30, ascend 20, cpu 0)"
 
 
 @dataclasses.dataclass

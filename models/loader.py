@@ -104,7 +104,7 @@ class _Builder:
 
     def experts(self, prefix):
         """Stacked expert weights: [E, 2I, H] and [E, H, I] (+ block scales when FP8)."""
-        c, H, I, E = self.cfg, self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.cfg.n_routed_experts
+        H, I, E = self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.cfg.n_routed_experts
         if self.src.has(f"{prefix}.gate_up_proj"):                       # transformers' fused layout
             gu = self.t(f"{prefix}.gate_up_proj", (E, 2 * I, H))
             dn = self.t(f"{prefix}.down_proj", (E, H, I))

@@ -13,7 +13,6 @@ import torch
 
 pytest.importorskip("hal_ascend", reason="hal-ascend is installed by ci/test.sh")
 
-import hal  # noqa: E402
 from hal.registry import reset_registry  # noqa: E402
 from hal_ascend import emulator as emu  # noqa: E402
 from hal_ascend import npu  # noqa: E402

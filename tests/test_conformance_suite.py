@@ -1,7 +1,6 @@
 """The conformance suite: the reference certifies clean, planted faults are caught exactly."""
 from __future__ import annotations
 
-import json
 
 import pytest
 import torch

@@ -55,6 +55,16 @@ class OpCapability:
             raise ValueError(f"OpCapability.path must be one of {PATHS}, got {self.path!r}")
 
 
+def distribution_version(name: str) -> str:
+    """The installed version of distribution ``name`` ("0" when it is not installed as one, e.g.
+    a plugin module on sys.path) -- what a backend reports as its ``version``."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "0"
+
+
 class Backend:
     """Base class for a HAL backend. Subclass it (or build one with keyword arguments).
 

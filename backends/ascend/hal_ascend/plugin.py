@@ -5,7 +5,7 @@ import os
 import re
 
 import hal
-from hal.backend import Availability, Backend, OpCapability
+from hal.backend import Availability, Backend, OpCapability, distribution_version
 
 FP8_OPS = ("fp8_quantize", "fp8_quantize_weight", "fp8_gemm", "fp8_linear")
 EMULATE_LABEL = "ascend (emulated torch_npu)"
@@ -86,7 +86,7 @@ class AscendBackend(Backend):
     priority = 20
 
     def __init__(self):
-        super().__init__(version=_version())
+        super().__init__(version=distribution_version("hal-ascend"))
         self.device_type = "cpu" if emulating() else "npu"
         self.soc = "A3 (emulated)" if emulating() else "unknown"
 
@@ -128,14 +128,6 @@ class AscendBackend(Backend):
             k["moe_combine"] = ops.moe_combine_finalize
         k.update({op: KERNELS[op] for op in FP8_OPS})          # the declared emulation (see capability_table)
         return k
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("hal-ascend")
-    except Exception:  # noqa: BLE001
-        return "0"
 
 
 @hal.hookimpl

@@ -5,7 +5,7 @@ import importlib
 import os
 
 import hal
-from hal.backend import Availability, Backend, OpCapability
+from hal.backend import Availability, Backend, OpCapability, distribution_version
 
 OPS = ("moe_route", "moe_dispatch", "moe_experts", "moe_combine", "moe_forward", "lightning_indexer",
        "sparse_attention", "fp8_quantize", "fp8_quantize_weight", "fp8_gemm", "fp8_linear")
@@ -29,7 +29,7 @@ class CudaBackend(Backend):
     priority = 30
 
     def __init__(self):
-        super().__init__(version=_version())
+        super().__init__(version=distribution_version("hal-cuda"))
         self.device_type = "cpu" if interpreting() else "cuda"
 
     def probe(self) -> Availability:
@@ -97,14 +97,6 @@ def capability_table(cc) -> dict:
                                     f"compute capability {cc[0]}.{cc[1]} < 8.9 has no FP8 tensor cores: fp8 operands "
                                     "are converted to fp32/bf16 inside the Triton kernels")
     return caps
-
-
-def _version() -> str:
-    try:
-        from importlib.metadata import version
-        return version("hal-cuda")
-    except Exception:  # noqa: BLE001
-        return "0"
 
 
 @hal.hookimpl

@@ -84,14 +84,21 @@ def _budget_dict(b) -> dict:
 def export(out_dir, *, level: str = "quick", ops=None, seed: int = 0,
            progress: Optional[Callable[[str], None]] = None) -> dict:
     """Write every case's golden vectors under ``out_dir``; returns the manifest."""
+    import shutil
+
     from hal.conformance import onnx_check
+    from hal.conformance.reports import atomic_write, atomic_write_bytes
     out = Path(out_dir)
+    # an interrupted export must not leave an older manifest describing newer files
+    (out / MANIFEST).unlink(missing_ok=True)
     entries = []
     for case in catalog(level, ops):
         spec = CONTRACT[case.op]
         args, kwargs = case.materialize(seed)
         truth, ref = reference_outputs(case, args, kwargs)
         tensors, described = _encode_args(spec, args, kwargs)
+        if (out / case.op / case.name).is_dir():
+            shutil.rmtree(out / case.op / case.name)            # no stale files from an earlier export
         data = out / case.op / case.name / "test_data_set_0"
         files = {}
         for i, t in enumerate(tensors):
@@ -101,20 +108,19 @@ def export(out_dir, *, level: str = "quick", ops=None, seed: int = 0,
                 tensorproto.save(t, data / f"{prefix}_{i}.pb", f"{prefix}_{i}")
         model = onnx_check.build_model(case.op, args, kwargs)
         if model is not None:
-            from hal.conformance.reports import atomic_write_bytes
-            atomic_write_bytes(out / case.op / case.name / "model.onnx", model.SerializeToString())
+            atomic_write_bytes(out / case.op / case.name / "model.onnx", model.SerializeToString(), durable=False)
         for f in sorted((out / case.op / case.name).rglob("*")):
             if f.is_file():
                 files[str(f.relative_to(out))] = _sha(f)
         entries.append({"op": case.op, "case": case.name, "tags": list(case.tags), "arguments": described,
                         "inputs": len(tensors), "outputs": list(spec.outputs), "n_outputs": len(truth),
                         "budgets": {k: _budget_dict(v) for k, v in spec.outputs.items()},
-                        "has_onnx_model": model is not None, "files": files})
+                        "has_onnx_model": model is not None,
+                        "onnx_note": onnx_check.not_expressible(case.op, args, kwargs) or "", "files": files})
         if progress:
             progress(case.id)
     manifest = {"golden_version": GOLDEN_VERSION, "contract_version": CONTRACT_VERSION, "level": level,
                 "seed": seed, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": entries}
-    from hal.conformance.reports import atomic_write
     atomic_write(out / MANIFEST, json.dumps(manifest, indent=2))
     return manifest
 
@@ -153,18 +159,19 @@ def read_manifest(golden_dir) -> dict:
     return manifest
 
 
-def certify_golden(golden_dir, backend: str, *, ops=None,
+def certify_golden(golden_dir, backend: str, *, ops=None, fallback: str = "error",
                    progress: Optional[Callable[[CaseResult], None]] = None) -> BackendRun:
-    """Certify ``backend`` against stored vectors (no reference evaluation)."""
+    """Certify ``backend`` against stored vectors (no reference evaluation); ``fallback`` as in
+    :func:`hal.conformance.runner.certify`."""
     from hal.registry import get_registry
     root = Path(golden_dir)
     manifest = read_manifest(root)
     rec = get_registry().record(backend)
     av = rec.availability
     run = BackendRun(rec.name, rec.label, rec.status, rec.reason, av.device if av else "",
-                     dict(av.versions) if av else {}, [], [])
+                     dict(av.versions) if av else {}, [], [], fallback)
     entries = [e for e in manifest["cases"] if ops is None or e["op"] in ops]
-    bound = BoundBackend(rec) if rec.status == "available" else None
+    bound = BoundBackend(rec, fallback) if rec.status == "available" else None
     if bound:
         run.plan = bound.plan()
     for e in entries:

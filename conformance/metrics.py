@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 from hal.contract import ExactBudget, FloatBudget, SelectionBudget
+from hal.conformance.scores import F64_MAX
 
 
 def calc_diff(x: torch.Tensor, y: torch.Tensor) -> float:
@@ -135,7 +136,8 @@ def check_selection(name: str, got: torch.Tensor, ref: torch.Tensor, scores: tor
                     budget: SelectionBudget) -> OutputCheck:
     """Top-k indices judged by the scores of the selected set.
 
-    ``scores`` [..., n] float64 (NaN mapped to -inf), ``selectable`` [..., n] bool (visible keys,
+    ``scores`` [..., n] float64 rank values (:func:`hal.conformance.scores.rank_values`: NaN
+    below -inf), ``selectable`` [..., n] bool (visible keys,
     experts of kept groups), ``got``/``ref`` [..., k] int with -1
     tails. Passes when the -1 positions equal the reference's, every row has no duplicates, every
     selected entry is selectable and scores >= the reference's k-th best score minus the tolerance,
@@ -157,7 +159,7 @@ def check_selection(name: str, got: torch.Tensor, ref: torch.Tensor, scores: tor
         row, col = (valid & ~ok).nonzero()[0].tolist()
         return OutputCheck(name, "selection", False, f"row {row} slot {col} selects index {int(g[row, col])}, "
                            "which is not selectable (masked key or dropped group)")
-    finite = s[torch.isfinite(s)]
+    finite = s[torch.isfinite(s) & (s.abs() < F64_MAX)]            # real numbers, not mapped +-inf
     tol = budget.score_rtol * (float(finite.abs().max()) if finite.numel() else 0.0) + budget.score_atol
     srt = torch.sort(g.masked_fill(~valid, -1), dim=-1).values
     if bool(((srt[:, 1:] == srt[:, :-1]) & (srt[:, 1:] >= 0)).any()):

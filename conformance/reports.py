@@ -31,44 +31,81 @@ def build_report(runs, *, environment: dict, kind: str = "ops", level=None, gold
     for run in runs:
         for s, n in run.counts().items():
             counts[s] += n
-    model_failed = any(not m.get("passed", False) for m in (models or []))
+    models_failed = sum(not m.get("passed", False) for m in (models or []))
     return {
         "schema_version": SCHEMA_VERSION, "kind": kind, "contract_version": CONTRACT_VERSION, "level": level,
         "golden_dir": golden_dir, "environment": environment,
-        "summary": {"total": sum(counts.values()), "counts": counts,
-                    "passed": not any(counts[s] for s in FAILING) and not model_failed},
+        "summary": {"total": sum(counts.values()), "counts": counts, "models": len(models or []),
+                    "models_failed": models_failed,
+                    "passed": not any(counts[s] for s in FAILING) and not models_failed},
         "backends": [r.to_dict() for r in runs], "models": list(models or []),
     }
 
 
-def atomic_write(path: Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+_UMASK = None
+
+
+def _file_mode() -> int:
+    """0o666 minus the process umask: what ``open(path, "w")`` would give (mkstemp gives 0o600)."""
+    global _UMASK
+    if _UMASK is None:
+        _UMASK = os.umask(0)
+        os.umask(_UMASK)
+    return 0o666 & ~_UMASK
+
+
+def _pid_alive(pid: int) -> bool:
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def remove_stale_temporaries(folder: Path) -> list[str]:
+    """Delete temporary files left by writers that were killed (``.NAME.PID.XXXX.tmp`` whose PID
+    is no longer running); a live writer's temporary file is left alone. Returns what was removed."""
+    removed = []
+    for f in Path(folder).glob(".*.tmp"):
+        parts = f.name.split(".")
+        pid = next((int(p) for p in reversed(parts[:-2]) if p.isdigit()), None)
+        if pid is not None and pid != os.getpid() and not _pid_alive(pid):
+            try:
+                f.unlink()
+                removed.append(f.name)
+            except OSError:
+                pass
+    return removed
+
+
+def atomic_write_bytes(path: Path, data: bytes, *, durable: bool = True) -> None:
+    """Write ``data`` to ``path`` so that ``path`` is either untouched or complete: a temporary
+    file in the same folder (``.NAME.PID.XXXX.tmp``), flushed (and fsynced when ``durable``, so a
+    power loss cannot leave an empty file either), then ``os.replace``. A writer killed midway
+    leaves only its temporary file, which the next write into that folder removes."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.chmod(tmp, _file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """:func:`atomic_write_bytes` of ``text`` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def to_json(report: dict) -> str:
@@ -154,7 +191,8 @@ def to_markdown(report: dict) -> str:
         ops = {}
         for r in b["results"]:
             ops.setdefault(r["op"], []).append(r)
-        out += ["| op | PASS | FAIL | ERROR | UNSUPPORTED | SKIPPED | NONDET | CORRUPT |", "|---|---|---|---|---|---|---|---|"]
+        out += ["| op | PASS | FAIL | ERROR | UNSUPPORTED | SKIPPED | NONDET | CORRUPT |",
+                "|---|---|---|---|---|---|---|---|"]
         for op, rs in ops.items():
             c = {st: sum(r["status"] == st for r in rs) for st in STATUSES}
             out.append(f"| {op} | " + " | ".join(str(c[st]) for st in STATUSES) + " |")
@@ -166,8 +204,17 @@ def to_markdown(report: dict) -> str:
                 out.append(f"| {r['case']} | {r['status']} | {r['path']} | {ratio} | {r['reason'].replace('|', '/')} |")
             out.append("")
     for m in report.get("models", []):
-        out += [f"## Model {m.get('model')} on {m.get('label')}", "", f"- {'PASS' if m.get('passed') else 'FAIL'}: "
-                + _model_line(m), ""]
+        out += [f"## Model {m.get('model')} on {m.get('label')}", "", f"**{'PASS' if m.get('passed') else 'FAIL'}**: "
+                + _model_line(m), "", "| prompt | tokens | top-1 agreement | first disagreement |", "|---|---|---|---|"]
+        for i, row in enumerate(m.get("per_position_top1", [])):
+            first = next((str(j) for j, ok in enumerate(row) if not ok), "-")
+            out.append(f"| {i} | {len(row)} | {sum(row)}/{len(row)} | {first} |")
+        out.append("")
+        if m.get("plan"):
+            out += ["| op | backend | path | reason |", "|---|---|---|---|"]
+            out += [f"| {p.get('op')} | {p.get('label') or p.get('backend')} | {p.get('path')} | "
+                    f"{str(p.get('reason', '')).replace('|', '/')} |" for p in m["plan"]]
+            out.append("")
     return "\n".join(out) + "\n"
 
 
@@ -219,26 +266,48 @@ def to_html(report: dict) -> str:
         out.append(f"<h2>{html.escape(b['label'])}</h2><p>status: {html.escape(b['status'])} "
                    f"({html.escape(b['reason'])}); device: {html.escape(b['device'] or '-')}</p>")
         if b["plan"]:
-            out.append("<table><tr><th>op</th><th>path</th><th>reason</th></tr>" + "".join(
-                f"<tr><td>{p['op']}</td><td>{p['path']}</td><td>{html.escape(p['reason'])}</td></tr>" for p in b["plan"])
-                + "</table>")
+            out.append(f"<h3>runtime plan (fallback policy: {html.escape(b.get('fallback', 'error'))})</h3>"
+                       "<table><tr><th>op</th><th>runs on</th><th>path</th><th>reason</th></tr>" + "".join(
+                           f"<tr><td>{html.escape(p['op'])}</td><td>{html.escape(p.get('label') or p['backend'])}</td>"
+                           f"<td>{html.escape(p['path'])}</td><td>{html.escape(p['reason'])}</td></tr>"
+                           for p in b["plan"]) + "</table>")
         ops = {}
         for r in b["results"]:
             ops.setdefault(r["op"], []).append(r)
         out.append("<h3>op x case matrix</h3><table>")
         for op, rs in ops.items():
             cells = "".join(
-                f"<td class='st' style='background:{COLOURS[r['status']]}' title='{html.escape(r['case'])}: "
-                f"{html.escape(r['reason'])}'>{html.escape(r['case'])}<br>{r['status']}</td>" for r in rs)
+                f"<td class='st' style='background:{COLOURS[r['status']]}' title='{html.escape(r['case'])} "
+                f"[{html.escape(r['path'])}]: {html.escape(r['reason'])}'>{html.escape(r['case'])}<br>{r['status']}"
+                + (f" <small>({html.escape(r['path'])})</small>" if r["path"] not in ("native", "-") else "")
+                + "</td>" for r in rs)
             out.append(f"<tr><th>{op}</th>{cells}</tr>")
         out.append("</table><h3>error vs budget per op</h3>")
         for op, rs in ops.items():
             out.append(f"<h4>{op}</h4>{_svg_plot(rs)}")
     for m in report.get("models", []):
-        out.append(f"<h2>Model {html.escape(str(m.get('model')))} on {html.escape(str(m.get('label')))}</h2>"
-                   f"<p>{'PASS' if m.get('passed') else 'FAIL'}: {html.escape(_model_line(m))}</p>")
+        out.append(_model_html(m))
     out.append("</body></html>")
     return "\n".join(out)
+
+
+def _model_html(m: dict) -> str:
+    """A model's section: verdict, per-position top-1 agreement (one coloured cell per token), plan."""
+    status = "PASS" if m.get("passed") else "FAIL"
+    out = [f"<h2>Model {html.escape(str(m.get('model')))} on {html.escape(str(m.get('label')))}</h2>",
+           f"<p class='model' style='color:{COLOURS[status]}'><b>{status}</b>: {html.escape(_model_line(m))}</p>",
+           "<h3>top-1 agreement per position</h3><table>"]
+    for i, row in enumerate(m.get("per_position_top1", [])):
+        cells = "".join(f"<td class='pos' style='background:{COLOURS['PASS' if ok else 'FAIL']}' title='position {j}'>"
+                        "</td>" for j, ok in enumerate(row))
+        out.append(f"<tr><th>prompt {i}</th>{cells}</tr>")
+    out.append("</table>")
+    if m.get("plan"):
+        out.append("<table><tr><th>op</th><th>backend</th><th>path</th><th>reason</th></tr>" + "".join(
+            f"<tr><td>{html.escape(str(p.get('op')))}</td><td>{html.escape(str(p.get('label') or p.get('backend')))}"
+            f"</td><td>{html.escape(str(p.get('path')))}</td><td>{html.escape(str(p.get('reason', '')))}</td></tr>"
+            for p in m["plan"]) + "</table>")
+    return "".join(out)
 
 
 WRITERS = {"json": to_json, "junit": to_junit, "md": to_markdown, "html": to_html}

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import time
 import traceback
+import warnings
 from typing import Callable, Optional
 
 import torch
@@ -15,6 +16,7 @@ from hal.errors import UnsupportedCase
 
 STATUSES = ("PASS", "FAIL", "ERROR", "UNSUPPORTED", "SKIPPED", "NONDETERMINISTIC", "CORRUPT")
 FAILING = ("FAIL", "ERROR", "CORRUPT")
+PATHS = ("native", "emulated", "fallback", "absent", "-")
 
 
 @dataclasses.dataclass
@@ -111,17 +113,41 @@ def reference_outputs(case: Case, args, kwargs):
     return truth, ref
 
 
-class BoundBackend:
-    """A backend's ops bound for certification: validation on, no fallback (refusals surface)."""
+FALLBACKS = ("error", "reference")
 
-    def __init__(self, record):
+
+class BoundBackend:
+    """A backend's ops bound for certification, with validation on.
+
+    ``fallback="error"`` (the default, strict): only the backend's own kernels are bound; an op it
+    does not implement has path ``absent`` and its cases are UNSUPPORTED, and a per-call refusal
+    of its capability's ``supports()`` surfaces as :class:`hal.UnsupportedCase` -> UNSUPPORTED.
+    (``hal.runtime(name, fallback="error")`` itself refuses to bind a backend that lacks any op,
+    so strict mode binds op by op with the same :func:`hal.runtime.make_bound_op`.)
+    ``fallback="reference"``: the ops are those of ``hal.runtime(name, fallback="reference")``,
+    exactly what an application gets: a missing op runs the CPU reference (path ``fallback``)
+    and a refused call does too; each such case is recorded with path ``fallback``.
+    """
+
+    def __init__(self, record, fallback: str = "error"):
         from hal.runtime import make_bound_op
-        self.record = record
+        if fallback not in FALLBACKS:
+            raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
+        self.record, self.fallback = record, fallback
         self.name, self.label = record.name, record.label
         backend = record.backend
         self.device = torch.device(backend.device_type)
+        self.ops, self.paths, self.notes, self.entries = {}, {}, {}, {}
+        if fallback == "reference":
+            from hal.runtime import Runtime
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)       # the plan records it instead
+                rt = Runtime(record, fallback="reference")
+            for entry in rt.plan():
+                self.ops[entry.op] = getattr(rt, entry.op)
+                self.paths[entry.op], self.notes[entry.op], self.entries[entry.op] = entry.path, entry.reason, entry
+            return
         kernels, caps = backend.kernels(), dict(backend.capabilities())
-        self.ops, self.paths, self.notes = {}, {}, {}
         for op, spec in CONTRACT.items():
             if op in kernels and op in caps:
                 cap = caps[op]
@@ -131,8 +157,18 @@ class BoundBackend:
                 self.paths[op], self.notes[op] = "absent", f"backend {self.name!r} does not implement {op}"
 
     def plan(self) -> list[dict]:
-        return [{"op": op, "backend": self.name, "path": self.paths[op], "reason": self.notes[op], "label": self.label}
-                for op in CONTRACT]
+        """The runtime plan: op -> backend, path, reason, label (what every report carries)."""
+        out = []
+        for op in CONTRACT:
+            e = self.entries.get(op)
+            out.append({"op": op, "backend": e.backend if e else self.name, "path": self.paths[op],
+                        "reason": self.notes[op], "label": e.label if e else self.label})
+        return out
+
+    def fallback_calls(self, op: str) -> int:
+        """How many calls of ``op`` the runtime sent to the reference after a refusal so far."""
+        e = self.entries.get(op)
+        return e.fallback_calls if e is not None else 0
 
 
 def run_case(bound: BoundBackend, case: Case, seed: int) -> CaseResult:
@@ -146,7 +182,8 @@ def run_case(bound: BoundBackend, case: Case, seed: int) -> CaseResult:
         args, kwargs = case.materialize(seed)
         truth, ref = reference_outputs(case, args, kwargs)
     except Exception as exc:  # noqa: BLE001 - a catalog/reference problem is reported, not hidden
-        res.status, res.reason, res.traceback = "ERROR", f"reference failed: {type(exc).__name__}: {exc}", traceback.format_exc()
+        res.status, res.traceback = "ERROR", traceback.format_exc()
+        res.reason = f"reference failed: {type(exc).__name__}: {exc}"
         return res
     run_and_judge(bound, case.op, args, kwargs, truth, ref, res)
     res.duration_s = time.perf_counter() - t0
@@ -158,16 +195,23 @@ def run_and_judge(bound: BoundBackend, op: str, args, kwargs, truth, ref, res: C
     UNSUPPORTED / ERROR, with the per-output checks."""
     fn = bound.ops[op]
     runs = []
+    refused_before = bound.fallback_calls(op)
     try:
-        for _ in range(2):
-            out = fn(*to_device(args, bound.device), **{k: to_device(v, bound.device) for k, v in kwargs.items()})
-            runs.append([t.detach().cpu() for t in flatten_outputs(out)])
+        with warnings.catch_warnings():
+            # a per-call fallback is recorded as this case's path instead of warned about
+            warnings.filterwarnings("ignore", message="hal: .* fell back to the CPU reference", category=RuntimeWarning)
+            for _ in range(2):
+                out = fn(*to_device(args, bound.device), **{k: to_device(v, bound.device) for k, v in kwargs.items()})
+                runs.append([t.detach().cpu() for t in flatten_outputs(out)])
     except UnsupportedCase as exc:
         res.status, res.reason = "UNSUPPORTED", exc.reason
         return
     except Exception as exc:  # noqa: BLE001 - a backend's exception is a result, kept with its traceback
         res.status, res.reason, res.traceback = "ERROR", f"{type(exc).__name__}: {exc}", traceback.format_exc()
         return
+    if bound.fallback_calls(op) > refused_before:
+        e = bound.entries[op]
+        res.path, res.reason = "fallback", f"the backend declined this case ({e.fallback_reason}); ran the CPU reference"
     res.outputs = judge(op, args, kwargs, runs[0], truth, ref)
     failed = [o for o in res.outputs if not o.passed]
     if failed:
@@ -175,6 +219,8 @@ def run_and_judge(bound: BoundBackend, op: str, args, kwargs, truth, ref, res: C
         res.reason = "; ".join(f"{o.name}: {o.message}" for o in failed)
     elif not identical(runs[0], runs[1]):
         res.status, res.reason = "NONDETERMINISTIC", "two runs on the same inputs differ bitwise"
+    elif res.path == "fallback" and not res.reason:
+        res.reason = bound.notes[op]
 
 
 @dataclasses.dataclass
@@ -189,6 +235,7 @@ class BackendRun:
     versions: dict
     plan: list
     results: list
+    fallback: str = "error"           # the policy the ops were bound with (see BoundBackend)
 
     def counts(self) -> dict:
         c = {s: 0 for s in STATUSES}
@@ -196,22 +243,33 @@ class BackendRun:
             c[r.status] += 1
         return c
 
+    def path_counts(self) -> dict:
+        """How many cases ran on each path (native / emulated / fallback / absent / "-")."""
+        c = {p: 0 for p in PATHS}
+        for r in self.results:
+            c[r.path] += 1
+        return c
+
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["results"] = [r.to_dict() for r in self.results]
         d["counts"] = self.counts()
+        d["paths"] = self.path_counts()
         return d
 
 
-def certify(backend: str, *, level: str = "quick", ops=None, seed: int = 0,
+def certify(backend: str, *, level: str = "quick", ops=None, seed: int = 0, fallback: str = "error",
             progress: Optional[Callable[[CaseResult], None]] = None, cases=None) -> BackendRun:
-    """Certify ``backend`` on the catalog (or ``cases``); unavailable backends get SKIPPED cases."""
+    """Certify ``backend`` on the catalog (or ``cases``); unavailable backends get SKIPPED cases.
+
+    ``fallback``: "error" (strict: missing or declined ops are UNSUPPORTED) or "reference" (what
+    ``hal.runtime`` does by default: they run the CPU reference, recorded with path ``fallback``)."""
     from hal.registry import get_registry
     rec = get_registry().record(backend)
     chosen = cases if cases is not None else catalog(level, ops)
     av = rec.availability
     run = BackendRun(rec.name, rec.label, rec.status, rec.reason, av.device if av else "",
-                     dict(av.versions) if av else {}, [], [])
+                     dict(av.versions) if av else {}, [], [], fallback)
     if rec.status != "available":
         for c in chosen:
             r = CaseResult(rec.name, rec.label, c.op, c.name, "SKIPPED", "-", f"backend {rec.status}: {rec.reason}",
@@ -220,7 +278,7 @@ def certify(backend: str, *, level: str = "quick", ops=None, seed: int = 0,
             if progress:
                 progress(r)
         return run
-    bound = BoundBackend(rec)
+    bound = BoundBackend(rec, fallback)
     run.plan = bound.plan()
     for c in chosen:
         r = run_case(bound, c, seed)

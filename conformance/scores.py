@@ -2,18 +2,29 @@
 
 Written independently of the reference kernels (the check must not trust what it checks):
 ``moe_route``'s selection score ``c = act(logits) + bias`` with dropped groups unselectable, and
-``lightning_indexer``'s ``sum_h w * relu(q . k)`` with invisible keys unselectable. NaN maps to -inf.
+``lightning_indexer``'s ``sum_h w * relu(q . k)`` with invisible keys unselectable.
+
+Scores are returned as *rank values* (:func:`rank_values`): the contract ranks a NaN below every
+number, -inf included, so NaN becomes -inf, -inf becomes the lowest finite float64 and +inf the
+highest (real scores are sigmoids, softmaxes and sums of relu'd dot products: far from 1.8e308).
 """
 from __future__ import annotations
 
 import torch
+
+F64_MAX = torch.finfo(torch.float64).max
+
+
+def rank_values(x: torch.Tensor) -> torch.Tensor:
+    """float64 values that order as the contract ranks ``x``: numbers by value, then -inf, then NaN."""
+    return torch.nan_to_num(x.double(), nan=float("-inf"), posinf=F64_MAX, neginf=-F64_MAX)
 
 
 def route_scores(router_logits, *, top_k, scoring="sigmoid", correction_bias=None, n_group=1, topk_group=1, **_):
     x = router_logits.double()
     s = torch.sigmoid(x) if scoring == "sigmoid" else torch.softmax(x, dim=-1)
     c = s if correction_bias is None else s + correction_bias.double()
-    c = torch.nan_to_num(c, nan=float("-inf"))
+    c = rank_values(c)
     T, E = c.shape
     selectable = torch.ones(T, E, dtype=torch.bool)
     if n_group > 1:
@@ -42,4 +53,4 @@ def indexer_scores(q, k, weights, *, top_k, causal=True, q_offset=None, k_length
     visible = (s_idx < lengths.view(B, 1, 1)).expand(B, S, L)
     if causal:
         visible = visible & (s_idx <= offset.view(B, 1, 1) + torch.arange(S).view(1, S, 1))
-    return torch.nan_to_num(score, nan=float("-inf")), visible
+    return rank_values(score), visible

@@ -20,16 +20,25 @@ from hal.models.model import CausalLM
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+MLA_FORMS = ("auto", "absorbed", "expanded")
+
+
 def load(name_or_path, backend="auto", *, dtype=torch.float32, quantize=None, runtime=None,
-         show_progress: bool = False) -> CausalLM:
+         show_progress: bool = False, mla_form: str = "auto") -> CausalLM:
     """Load a built-in model (``tiny-glm5``, ``tiny-deepseek-v32``, ``tiny-glm45``) or a Hugging
     Face model directory, bound to ``backend`` (a name, or an existing ``runtime``).
 
     dtype: torch.float32 / torch.bfloat16 (or their names) for the non-FP8 weights and activations.
     quantize: None, or "fp8" to quantize every linear and expert weight to 128x128 block FP8 on load.
+    mla_form (MLA models): "auto" runs prefill in the expanded form (per-head keys, what transformers
+    does) and decode steps in the absorbed form (MQA over the latent cache); "absorbed" /
+    "expanded" force one form, e.g. "absorbed" for a backend whose sparse attention takes the MLA
+    576/512 shape but not the expanded head dims.
     Raises CheckpointError / ModelConfigError naming the file or tensor, hal.BackendUnavailable.
     """
     import hal
+    if mla_form not in MLA_FORMS:
+        raise ValueError(f"mla_form: expected one of {MLA_FORMS}, got {mla_form!r}")
     dtype = DTYPES.get(dtype, dtype) if isinstance(dtype, str) else dtype
     rt = runtime or hal.runtime(backend, profile=True)
     if str(name_or_path) in BUILTIN:
@@ -38,9 +47,11 @@ def load(name_or_path, backend="auto", *, dtype=torch.float32, quantize=None, ru
         model = build_model(cfg, TensorSource.from_dict(random_weights(str(name_or_path)), str(name_or_path)), rt,
                             dtype=dtype, quantize=quantize)
         model.source = str(name_or_path)
-        return model
-    return load_directory(name_or_path, rt, dtype=dtype, quantize=quantize, show_progress=show_progress)
+    else:
+        model = load_directory(name_or_path, rt, dtype=dtype, quantize=quantize, show_progress=show_progress)
+    model.mla_form = mla_form
+    return model
 
 
 __all__ = ["load", "generate", "CausalLM", "GenerationResult", "ModelConfig", "ModelConfigError", "CheckpointError",
-           "PromptError", "BUILTIN", "SUPPORTED", "DEFAULT_PROMPT_IDS"]
+           "PromptError", "BUILTIN", "SUPPORTED", "DEFAULT_PROMPT_IDS", "MLA_FORMS"]

@@ -16,14 +16,18 @@ _COMMON = dict(vocab_size=512, hidden_size=256, intermediate_size=512, moe_inter
                num_hidden_layers=4, n_routed_experts=16, num_experts_per_tok=4, n_shared_experts=1,
                first_k_dense_replace=1, rms_norm_eps=1e-6, max_position_embeddings=1024, eos_token_id=2,
                rope_parameters={"rope_theta": 10000.0, "rope_type": "default"}, norm_topk_prob=True)
-_MLA = dict(num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=64, qk_rope_head_dim=32,
-            qk_nope_head_dim=32, v_head_dim=64, head_dim=32, index_topk=8, index_head_dim=64, index_n_heads=4)
+# MLA keeps the released models' latent (kv_lora_rank 512 + rope 64): the absorbed decode form is the
+# 576/512 MQA shape that MLA kernels are built for; head dims follow each family's pattern
+# (GLM-5: nope + rope == v; DeepSeek-V3.2: nope + rope != v)
+_MLA = dict(num_attention_heads=4, num_key_value_heads=4, q_lora_rank=128, kv_lora_rank=512, qk_rope_head_dim=64,
+            head_dim=64, index_topk=8, index_head_dim=128, index_n_heads=4)
 
 CONFIGS = {
-    "tiny-glm5": {**_COMMON, **_MLA, "model_type": "glm_moe_dsa", "routed_scaling_factor": 2.5, "n_group": 1,
-                  "topk_group": 1, "indexer_types": ["full", "shared", "full", "shared"]},
-    "tiny-deepseek-v32": {**_COMMON, **_MLA, "model_type": "deepseek_v32", "routed_scaling_factor": 2.5, "n_group": 4,
-                          "topk_group": 2},
+    "tiny-glm5": {**_COMMON, **_MLA, "model_type": "glm_moe_dsa", "qk_nope_head_dim": 64, "v_head_dim": 128,
+                  "routed_scaling_factor": 2.5, "n_group": 1, "topk_group": 1,
+                  "indexer_types": ["full", "shared", "full", "shared"]},
+    "tiny-deepseek-v32": {**_COMMON, **_MLA, "model_type": "deepseek_v32", "qk_nope_head_dim": 64, "v_head_dim": 64,
+                          "routed_scaling_factor": 2.5, "n_group": 4, "topk_group": 2},
     "tiny-glm45": {**_COMMON, "model_type": "glm4_moe", "num_attention_heads": 8, "num_key_value_heads": 2,
                    "head_dim": 32, "use_qk_norm": True, "attention_bias": True, "routed_scaling_factor": 1.0,
                    "rope_parameters": {"rope_theta": 10000.0, "rope_type": "default", "partial_rotary_factor": 0.5}},

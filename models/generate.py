@@ -78,7 +78,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 1
     cache = model.new_cache(B, longest + max_new_tokens)
     gen = torch.Generator().manual_seed(seed)
     t0 = time.perf_counter()
-    logits = model.forward(ids.to(dev), cache, torch.zeros(B, dtype=torch.long, device=dev), lens)
+    logits = model.forward(ids.to(dev), cache, torch.zeros(B, dtype=torch.long, device=dev), lens,
+                           unpadded=all(len(p) == longest for p in prompts))
     _sync(dev)
     t1 = time.perf_counter()
     nxt = _sample(logits[torch.arange(B, device=dev), lens - 1], temperature, top_p, gen)
@@ -87,7 +88,8 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 1
     steps = 0
     cur = lens.clone()
     while steps < max_new_tokens - 1 and not all(done):
-        step_logits = model.forward(nxt.view(B, 1), cache, cur, torch.ones(B, dtype=torch.long, device=dev))
+        step_logits = model.forward(nxt.view(B, 1), cache, cur, torch.ones(B, dtype=torch.long, device=dev),
+                                    unpadded=True)
         cur = cur + 1
         nxt = _sample(step_logits[:, -1], temperature, top_p, gen)
         steps += 1

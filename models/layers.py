@@ -119,6 +119,26 @@ class KVCache:
 
 
 @dataclasses.dataclass
+class Step:
+    """One forward call as every layer sees it.
+
+    start [B] int64: tokens already cached per sequence; lengths [B]: tokens cached after this call
+    (start + real new tokens; the rest of the S positions is right padding). q_offset is None when
+    each sequence's S queries are its last S positions (no padding: the contract's default
+    ``q_offset = k_lengths - S``, which every backend's causal mode takes), else ``start``.
+    cos/sin [B, S, rope_dim]: the RoPE table at the queries' positions. absorb: run MLA in the
+    absorbed form (MQA over the latent; decode), else the expanded form (prefill)."""
+
+    cache: KVCache
+    start: torch.Tensor
+    lengths: torch.Tensor
+    q_offset: Optional[torch.Tensor]
+    cos: torch.Tensor
+    sin: torch.Tensor
+    absorb: bool = False
+
+
+@dataclasses.dataclass
 class Indexer:
     """The DSA lightning indexer's projections (GLM-5 / DeepSeek-V3.2)."""
 
@@ -133,23 +153,34 @@ class Indexer:
     top_k: int
     interleaved: bool
 
-    def __call__(self, x, q_resid, cos, sin, cache: KVCache, layer: int, start, lengths, rt):
+    def __call__(self, x, q_resid, step: Step, layer: int, rt) -> torch.Tensor:
+        """Top-k key indices [B, S, top_k] int32 (-1 tail) over the cached indexer keys."""
         B, S, _ = x.shape
         q = self.wq_b(q_resid, rt).view(B, S, self.n_heads, self.head_dim)
         k = F.layer_norm(self.wk(x, rt), (self.head_dim,), self.k_norm_weight, self.k_norm_bias, 1e-6)
         rot = rope_interleaved if self.interleaved else rope_half
+        cos, sin = step.cos, step.sin
         q = torch.cat([rot(q[..., :self.rope_dim], cos[:, :, None], sin[:, :, None]), q[..., self.rope_dim:]], -1)
         k = torch.cat([rot(k[..., :self.rope_dim], cos, sin), k[..., self.rope_dim:]], -1)
-        k_all = cache.write((layer, "index_k"), k, start)
+        k_all = step.cache.write((layer, "index_k"), k, step.start)
+        # transformers scales q.k by D^-0.5 inside the ReLU and the weights by Hi^-0.5; the contract
+        # takes both folded into the weights (equal for a positive scale)
         w = F.linear(x.float(), self.weights_proj.float()) * (self.n_heads ** -0.5 * self.head_dim ** -0.5)
-        return rt.lightning_indexer(q, k_all, w.contiguous(), top_k=self.top_k, causal=True, q_offset=start,
-                                    k_lengths=lengths)
+        return rt.lightning_indexer(q, k_all, w.contiguous(), top_k=self.top_k, causal=True, q_offset=step.q_offset,
+                                    k_lengths=step.lengths)
 
 
 @dataclasses.dataclass
 class MLAAttention:
-    """Multi-head latent attention with DSA: the latent (normalized compressed KV + rotated shared
-    key) is cached; keys/values are expanded from it; attention runs over the indexer's top-k."""
+    """Multi-head latent attention with DSA. The cache holds the latent (RMS-normalized compressed
+    KV [kv_lora]) and the rotated shared key [rope]; attention runs over the indexer's top-k.
+
+    Expanded form (prefill, what transformers computes): keys/values per head from ``kv_b`` over
+    the cached latent, ``sparse_attention`` with Hk = Hq, Dqk = nope + rope, Dv = v_dim.
+    Absorbed form (decode): ``kv_b`` folded into the query and the output, ``sparse_attention`` as
+    MQA over the latent (Hk = 1, Dqk = kv_lora + rope, Dv = kv_lora, v a view of k: 576/512 for
+    the released models), so a decode step never re-expands the whole cache. Both are the same
+    function of the inputs; they differ in rounding only."""
 
     q_a: Linear
     q_a_norm: torch.Tensor
@@ -166,26 +197,44 @@ class MLAAttention:
     kv_lora: int
     eps: float
     scale: float
+    w_uk: torch.Tensor = None              # [Hq, nope, kv_lora]: kv_b's key rows (dequantized when FP8)
+    w_uv: torch.Tensor = None              # [Hq, v_dim, kv_lora]: kv_b's value rows
 
-    def __call__(self, x, cos, sin, cache: KVCache, layer: int, start, lengths, prev_indices, rt):
+    def __post_init__(self):
+        w = self.kv_b.weight
+        if self.kv_b.scale is not None:    # FP8 kv_b: the absorbed form needs it dequantized (once, here)
+            s = self.kv_b.scale.repeat_interleave(128, 0)[: w.shape[0]].repeat_interleave(128, 1)[:, : w.shape[1]]
+            w = (w.float() * s).to(self.q_a_norm.dtype)
+        w = w.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
+        self.w_uk, self.w_uv = w[:, :self.nope], w[:, self.nope:]
+
+    def __call__(self, x, step: Step, layer: int, prev_indices, rt):
         B, S, _ = x.shape
+        cos, sin = step.cos, step.sin
         q_resid = rms_norm(self.q_a(x, rt), self.q_a_norm, self.eps)
         q = self.q_b(q_resid, rt).view(B, S, self.n_heads, self.nope + self.rope)
-        q = torch.cat([q[..., :self.nope], rope_interleaved(q[..., self.nope:], cos[:, :, None], sin[:, :, None])], -1)
+        q_nope, q_rot = q[..., :self.nope], rope_interleaved(q[..., self.nope:], cos[:, :, None], sin[:, :, None])
         ckv = self.kv_a(x, rt)
         latent = rms_norm(ckv[..., :self.kv_lora], self.kv_a_norm, self.eps)
         k_rot = rope_interleaved(ckv[..., self.kv_lora:], cos, sin)
-        latent_all = cache.write((layer, "latent"), latent, start)          # [B, T, kv_lora]
-        k_rot_all = cache.write((layer, "k_rot"), k_rot, start)             # [B, T, rope]
-        T = latent_all.shape[1]
-        kv = self.kv_b(latent_all, rt).view(B, T, self.n_heads, self.nope + self.v_dim)
-        k = torch.cat([kv[..., :self.nope], k_rot_all[:, :, None].expand(B, T, self.n_heads, self.rope)], -1)
-        v = kv[..., self.nope:]
+        latent_all = step.cache.write((layer, "latent"), latent, step.start)          # [B, T, kv_lora]
+        k_rot_all = step.cache.write((layer, "k_rot"), k_rot, step.start)             # [B, T, rope]
         if self.indexer is not None:
-            indices = self.indexer(x, q_resid, cos, sin, cache, layer, start, lengths, rt)
-        else:
+            indices = self.indexer(x, q_resid, step, layer, rt)
+        else:                              # a "shared" layer reuses the previous full layer's top-k
             indices = prev_indices
-        out = rt.sparse_attention(q, k.contiguous(), v.contiguous(), indices, scale=self.scale)
+        if step.absorb:
+            q_lat = torch.einsum("bshn,hnc->bshc", q_nope, self.w_uk)
+            k = torch.cat([latent_all, k_rot_all], -1)[:, :, None]                    # [B, T, 1, kv_lora + rope]
+            out = rt.sparse_attention(torch.cat([q_lat, q_rot], -1), k, k[..., :self.kv_lora], indices,
+                                      scale=self.scale)
+            out = torch.einsum("bshc,hvc->bshv", out, self.w_uv)
+        else:
+            T = latent_all.shape[1]
+            kv = self.kv_b(latent_all, rt).view(B, T, self.n_heads, self.nope + self.v_dim)
+            k = torch.cat([kv[..., :self.nope], k_rot_all[:, :, None].expand(B, T, self.n_heads, self.rope)], -1)
+            out = rt.sparse_attention(torch.cat([q_nope, q_rot], -1), k, kv[..., self.nope:].contiguous(), indices,
+                                      scale=self.scale)
         return self.o(out.reshape(B, S, -1), rt), indices
 
 
@@ -205,23 +254,24 @@ class GQAAttention:
     rotary_dim: int
     eps: float
 
-    def __call__(self, x, cos, sin, cache: KVCache, layer: int, start, lengths, prev_indices, rt):
+    def __call__(self, x, step: Step, layer: int, prev_indices, rt):
         B, S, _ = x.shape
+        cos, sin = step.cos[:, :, None], step.sin[:, :, None]
         q = self.q(x, rt).view(B, S, self.n_heads, self.head_dim)
         k = self.k(x, rt).view(B, S, self.n_kv, self.head_dim)
         v = self.v(x, rt).view(B, S, self.n_kv, self.head_dim)
         if self.q_norm is not None:
             q, k = rms_norm(q, self.q_norm, self.eps), rms_norm(k, self.k_norm, self.eps)
         rd = self.rotary_dim
-        q = torch.cat([rope_half(q[..., :rd], cos[:, :, None], sin[:, :, None]), q[..., rd:]], -1)
-        k = torch.cat([rope_half(k[..., :rd], cos[:, :, None], sin[:, :, None]), k[..., rd:]], -1)
-        k_all = cache.write((layer, "k"), k, start).repeat_interleave(self.n_heads // self.n_kv, dim=2)
-        v_all = cache.write((layer, "v"), v, start).repeat_interleave(self.n_heads // self.n_kv, dim=2)
+        q = torch.cat([rope_half(q[..., :rd], cos, sin), q[..., rd:]], -1)
+        k = torch.cat([rope_half(k[..., :rd], cos, sin), k[..., rd:]], -1)
+        k_all = step.cache.write((layer, "k"), k, step.start).repeat_interleave(self.n_heads // self.n_kv, dim=2)
+        v_all = step.cache.write((layer, "v"), v, step.start).repeat_interleave(self.n_heads // self.n_kv, dim=2)
         T = k_all.shape[1]
         scores = torch.einsum("bshd,bthd->bhst", q, k_all) * self.head_dim ** -0.5
         key_pos = torch.arange(T, device=x.device).view(1, 1, T)
-        q_pos = start.view(-1, 1, 1) + torch.arange(S, device=x.device).view(1, S, 1)
-        visible = (key_pos <= q_pos) & (key_pos < lengths.view(-1, 1, 1))
+        q_pos = step.start.view(-1, 1, 1) + torch.arange(S, device=x.device).view(1, S, 1)
+        visible = (key_pos <= q_pos) & (key_pos < step.lengths.view(-1, 1, 1))
         scores = scores.masked_fill(~visible[:, None], float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
         out = torch.einsum("bhst,bthd->bshd", probs, v_all)
@@ -236,8 +286,8 @@ class DecoderLayer:
     post_norm: torch.Tensor
     eps: float
 
-    def __call__(self, x, cos, sin, cache, layer, start, lengths, prev_indices, rt):
-        h, indices = self.attn(rms_norm(x, self.input_norm, self.eps), cos, sin, cache, layer, start, lengths,
-                               prev_indices, rt)
+    def __call__(self, x, step: Step, layer: int, prev_indices, rt):
+        """Returns the new hidden states and this layer's DSA indices (None for GQA)."""
+        h, indices = self.attn(rms_norm(x, self.input_norm, self.eps), step, layer, prev_indices, rt)
         x = x + h
         return x + self.mlp(rms_norm(x, self.post_norm, self.eps), rt), indices

@@ -65,13 +65,19 @@ class TensorSource:
                 raise CheckpointError(f"{path}: tensor {missing[0]} is in the index but not in its shard")
         return cls(tensors, str(path))
 
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
     def has(self, name: str) -> bool:
         return name in self._tensors
 
     def get(self, name: str, shape: Optional[tuple] = None) -> torch.Tensor:
         if name not in self._tensors:
             raise CheckpointError(f"{self.where}: missing tensor {name}")
-        t = self._tensors[name]()
+        try:
+            t = self._tensors[name]()
+        except Exception as exc:  # noqa: BLE001 - a truncated or corrupt shard surfaces here
+            raise CheckpointError(f"{self.where}: tensor {name} cannot be read ({exc})") from exc
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{self.where}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
         self.used.add(name)
@@ -83,7 +89,16 @@ class _Builder:
         self.cfg, self.src, self.rt, self.dtype, self.device, self.quantize = cfg, src, rt, dtype, device, quantize
 
     def t(self, name, shape=None, dtype=None):
-        return self.src.get(name, shape).to(device=self.device, dtype=dtype or self.dtype)
+        """A non-linear tensor (norm, router, embedding, fused experts) in ``dtype`` (default: the
+        model dtype); a float8_e4m3fn one is dequantized with its ``weight_scale_inv``."""
+        x = self.src.get(name, shape)
+        if x.dtype == FP8:
+            if x.dim() != 2 or not name.endswith(".weight"):
+                raise CheckpointError(f"{self.src.where}: tensor {name} is float8_e4m3fn but is not a 2-D weight "
+                                      "with a weight_scale_inv")
+            x = self._dequant(Linear(x, None, self.src.get(f"{name}_scale_inv",
+                                                           (-(-x.shape[0] // 128), -(-x.shape[1] // 128))).float()))
+        return x.to(device=self.device, dtype=dtype or self.dtype)
 
     def linear(self, prefix, out_f, in_f, bias=False, quantizable=True) -> Linear:
         w = self.src.get(f"{prefix}.weight", (out_f, in_f))
@@ -197,8 +212,28 @@ class _Builder:
         embed = self.t("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
         head = embed if c.tie_word_embeddings and not self.src.has("lm_head.weight") else \
             self.t("lm_head.weight", (c.vocab_size, c.hidden_size))
-        return CausalLM(c, self.rt, embed, layers, self.t("model.norm.weight", (c.hidden_size,)), head, self.dtype,
-                        self.device)
+        model = CausalLM(c, self.rt, embed, layers, self.t("model.norm.weight", (c.hidden_size,)), head, self.dtype,
+                         self.device)
+        model.unused_tensors = self.unused()
+        return model
+
+    def unused(self) -> list[str]:
+        """Checkpoint tensors the model did not take. Layers past num_hidden_layers (the
+        multi-token-prediction layers of DeepSeek-V3.2 / GLM checkpoints) are expected; anything
+        else is reported with a warning, since it may mean the config does not fit the weights."""
+        unused = sorted(set(self.src.names()) - self.src.used)
+        odd = [n for n in unused if not _is_extra_layer(n, self.cfg.num_hidden_layers)
+               and not n.endswith("rotary_emb.inv_freq")]
+        if odd:
+            import warnings
+            warnings.warn(f"{self.src.where}: {len(odd)} checkpoint tensors are not used by the model, e.g. "
+                          f"{', '.join(odd[:3])}", RuntimeWarning, stacklevel=3)
+        return unused
+
+
+def _is_extra_layer(name: str, num_layers: int) -> bool:
+    parts = name.split(".")
+    return len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit() and int(parts[2]) >= num_layers
 
 
 def build_model(cfg: ModelConfig, src: TensorSource, rt, *, dtype=torch.float32, quantize=None,
@@ -229,8 +264,10 @@ def load_directory(path, rt, *, dtype=torch.float32, quantize=None, show_progres
         raise CheckpointError(f"{path}: no config.json")
     try:
         cfg = ModelConfig.from_dict(json.loads(cfg_file.read_text()))
-    except KeyError as exc:
-        raise ModelConfigError(f"{cfg_file}: missing field {exc.args[0]!r}") from exc
+    except json.JSONDecodeError as exc:
+        raise ModelConfigError(f"{cfg_file}: not valid JSON ({exc})") from exc
+    except ModelConfigError as exc:
+        raise ModelConfigError(f"{cfg_file}: {exc}") from exc
     if cfg.quantization:
         q = cfg.quantization
         if q.get("quant_method") not in ("fp8", None) or q.get("fmt", "e4m3") != "e4m3" or \

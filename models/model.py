@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from hal.models.config import ModelConfig
-from hal.models.layers import KVCache, rms_norm, rope_cos_sin
+from hal.models.layers import KVCache, Step, rms_norm, rope_cos_sin
 from hal.models.rope import inv_freq_and_scaling
 
 
@@ -26,6 +27,8 @@ class CausalLM:
     device: torch.device
     tokenizer: object = None
     source: str = ""
+    unused_tensors: list = dataclasses.field(default_factory=list)   # checkpoint tensors not taken (MTP layers)
+    mla_form: str = "auto"         # MLA: "auto" (expanded prefill, absorbed decode), "absorbed", "expanded"
 
     @property
     def rope_dim(self) -> int:
@@ -35,17 +38,26 @@ class CausalLM:
     def new_cache(self, batch: int, capacity: int) -> KVCache:
         return KVCache(batch, capacity)
 
+    def _absorb(self, S: int) -> bool:
+        return self.mla_form == "absorbed" or (self.mla_form == "auto" and S == 1)
+
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, cache: KVCache, start: torch.Tensor, n_new: torch.Tensor) -> torch.Tensor:
-        """ids [B, S] (right-padded); start [B]: tokens already cached per sequence; n_new [B]: real
-        new tokens per sequence (the rest is padding, masked out by lengths)."""
+    def forward(self, ids: torch.Tensor, cache: KVCache, start: torch.Tensor, n_new: torch.Tensor, *,
+                unpadded: bool = False, absorb: Optional[bool] = None) -> torch.Tensor:
+        """Logits [B, S, vocab] fp32 for token ids [B, S] (int64, right-padded).
+
+        start [B]: tokens already cached per sequence; n_new [B]: real new tokens per sequence (the
+        rest is padding, masked out through the cache lengths). unpadded=True promises n_new == S
+        for every sequence, so the DSA indexer takes the contract's default q_offset. absorb: MLA
+        form (None: from ``mla_form``; "auto" absorbs single-token steps only)."""
         B, S = ids.shape
         lengths = start + n_new
         positions = start.view(-1, 1) + torch.arange(S, device=ids.device).view(1, -1)
         inv_freq, factor = inv_freq_and_scaling(self.config.rope_parameters, self.rope_dim)
         cos, sin = rope_cos_sin(positions, inv_freq, factor, self.dtype)
+        step = Step(cache, start, lengths, None if unpadded else start, cos, sin, self._absorb(S) if absorb is None else absorb)
         x = F.embedding(ids, self.embed)
         indices = None
         for i, layer in enumerate(self.layers):
-            x, indices = layer(x, cos, sin, cache, i, start, lengths, indices, self.rt)
+            x, indices = layer(x, step, i, indices, self.rt)
         return F.linear(rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head).float()

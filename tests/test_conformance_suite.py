@@ -27,6 +27,35 @@ def test_catalog_covers_every_op_and_the_named_edges():
     assert {c.op for c in full} == set(hal.CONTRACT) and len(full) > 40
 
 
+def _dtypes_of(op):
+    """The dtypes the quick catalog feeds ``op`` (its first tensor argument, or out_dtype for fp8_gemm)."""
+    seen = set()
+    for c in catalog("quick", [op]):
+        args, kwargs = c.materialize(0)
+        if op == "fp8_gemm":
+            seen.add(kwargs["out_dtype"])
+        else:
+            first = args[0]
+            seen.add(first.hidden.dtype if isinstance(first, hal.DispatchPlan) else first.dtype)
+    return seen
+
+
+def test_catalog_feeds_every_legal_dtype():
+    bf16, fp16, fp32, fp8 = torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn
+    for op in ("moe_route", "moe_dispatch", "moe_experts", "moe_combine", "moe_forward", "sparse_attention",
+               "fp8_quantize", "fp8_quantize_weight", "fp8_linear", "fp8_gemm"):
+        assert _dtypes_of(op) >= {bf16, fp16, fp32} - ({fp16} if op == "moe_forward" else set()), op
+    assert _dtypes_of("lightning_indexer") == {bf16, fp16, fp32, fp8}
+
+
+def test_bias_cases_carry_a_bias():
+    tagged = [c for c in catalog("quick", ["fp8_gemm", "fp8_linear"]) if "bias" in c.tags]
+    assert len(tagged) >= 4
+    for c in tagged:
+        assert c.materialize(0)[1]["bias"] is not None, c.id
+    assert all(c.materialize(0)[1]["bias"] is None for c in catalog("quick", ["fp8_gemm"]) if "bias" not in c.tags)
+
+
 def test_cases_are_seeded_and_never_all_zero():
     c = catalog("quick", ["fp8_gemm"])[2]
     a1, _ = c.materialize(1)
@@ -57,10 +86,11 @@ def _faulty(name, **overrides):
 def planted(fresh_registry):
     names = []
 
-    def add(backend, ops):
-        get_registry().register_backend(backend)
-        names.append(backend.name)
-        return certify(backend.name, ops=ops)
+    def add(backend, ops, fallback="error"):
+        if backend.name not in names:
+            get_registry().register_backend(backend)
+            names.append(backend.name)
+        return certify(backend.name, ops=ops, fallback=fallback)
 
     yield add
     for n in names:
@@ -183,6 +213,39 @@ def test_raising_kernel_is_error_missing_op_unsupported_refusal_unsupported(plan
         if r.op == "sparse_attention":
             bf16 = "fp32" not in r.case and "fp16" not in r.case and "nan" not in r.case
             assert r.status == ("UNSUPPORTED" if bf16 else "PASS"), (r.case, r.status, r.reason)
+
+
+def test_nan_key_ranked_like_a_number_is_caught(planted):
+    def indexer(q, k, weights, **kw):           # relu(NaN) computed as 0: the NaN key is no longer last
+        if k.is_floating_point() and k.dtype != torch.float8_e4m3fn:
+            k = torch.nan_to_num(k, nan=0.0)
+        return KERNELS["lightning_indexer"](q, k, weights, **kw)
+    run = planted(_faulty("nan_as_zero", lightning_indexer=indexer), ["lightning_indexer"])
+    _check_exact_fail_set(run, "lightning_indexer", indexer)
+    assert {c for c, s in _statuses(run).items() if s == "FAIL"} == {"nan_key"}
+
+
+def test_reference_fallback_records_the_fallback_path(planted):
+    def no_bf16(q, k, v, indices, *, scale, return_lse):
+        return "bf16 not supported by this test backend" if q.dtype == torch.bfloat16 else None
+
+    backend = _faulty("partial", moe_forward=None)
+    backend._caps["sparse_attention"] = hal.OpCapability("emulated", (), "via a test emulation", supports=no_bf16)
+    ops = ["moe_forward", "sparse_attention"]
+    strict = planted(backend, ops)
+    assert {r.status for r in strict.results if r.op == "moe_forward"} == {"UNSUPPORTED"}
+    run = planted(backend, ops, fallback="reference")
+    assert run.fallback == "reference" and {p["path"] for p in run.plan if p["op"] == "moe_forward"} == {"fallback"}
+    for r in run.results:
+        assert r.status == "PASS", (r.case, r.status, r.reason)
+        if r.op == "moe_forward":
+            assert r.path == "fallback" and "does not implement" in r.reason
+        else:
+            bf16 = r.case not in ("fp32_GQA", "fp16_MQA", "nan_query")
+            assert r.path == ("fallback" if bf16 else "emulated"), (r.case, r.path)
+            assert ("bf16 not supported" in r.reason) == bf16
+    n_fallback = sum(r.path == "fallback" for r in run.results)
+    assert run.path_counts()["fallback"] == n_fallback and run.path_counts()["emulated"] == 3
 
 
 def test_nondeterminism_is_flagged(planted):

@@ -1,5 +1,13 @@
-"""Every bad input the contract names raises hal.ContractError naming the op and the argument."""
+"""Every bad input the contract names raises hal.ContractError naming the op and the argument.
+
+Each case is (op, kind, argument the message must name, call). ``kind`` sorts the cases so a test
+can prove that every op is covered for each kind of mistake that applies to it: wrong rank, wrong
+shape, wrong dtype, tensors on two devices ("meta" plays the second device), and bad values
+(out-of-range ints and indices, non-finite or non-positive scales, bad options).
+"""
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
@@ -8,115 +16,246 @@ import hal
 from hal import ops
 
 F8 = torch.float8_e4m3fn
+I32 = torch.int32
+NAN, INF = float("nan"), float("inf")
 r = torch.randn
+
+
+def _meta(*shape, dtype=torch.float32):
+    return torch.empty(*shape, dtype=dtype, device="meta")
 
 
 def _plan(T=3, E=4, H=8, k=2):
     return ops.moe_dispatch(r(T, H), torch.randint(0, E, (T, k)), E)
 
 
-def _w8(N, K):
-    return ops.fp8_quantize_weight(r(N, K))
+def _replan(**changes):
+    """A plan from _plan() with some fields replaced (a hand-corrupted plan)."""
+    return dataclasses.replace(_plan(), **changes)
+
+
+def _w8(E, rows, cols):
+    """E experts of float8 weights [rows, cols] with their 128x128 block scales."""
+    q = [ops.fp8_quantize_weight(r(rows, cols)) for _ in range(E)]
+    return torch.stack([a for a, _ in q]), torch.stack([s for _, s in q])
 
 
 A8, A8S = ops.fp8_quantize(r(4, 200))
-B8, B8S = _w8(16, 200)
-IDX = torch.tensor([[[0, 1, -1]]], dtype=torch.int32)
+B8, B8S = ops.fp8_quantize_weight(r(16, 200))
+GU8, GU8S = _w8(4, 6, 8)
+D8, D8S = _w8(4, 8, 3)
+IDX = torch.tensor([[[0, 1, -1]]], dtype=I32)
+LI = (r(1, 2, 2, 8), r(1, 4, 8), torch.rand(1, 2, 2))                    # q, k, weights for the indexer
+Q8, K8 = r(1, 2, 2, 8).to(F8), r(1, 4, 8).to(F8)
+SA = (r(1, 1, 4, 8), r(1, 3, 2, 8), r(1, 3, 2, 8))                        # q, k, v for sparse attention
+FWD = (r(3, 8), r(3, 4), r(4, 6, 8), r(4, 8, 3))                         # hidden, logits, w_gate_up, w_down
 
 CASES = [
-    # (op, call, argument named in the message)
-    ("moe_route", lambda: ops.moe_route(r(4), top_k=1), "router_logits"),
-    ("moe_route", lambda: ops.moe_route(r(4, 8).int(), top_k=1), "router_logits"),
-    ("moe_route", lambda: ops.moe_route(r(4, 8), top_k=9), "top_k"),
-    ("moe_route", lambda: ops.moe_route(r(4, 8), top_k=0), "top_k"),
-    ("moe_route", lambda: ops.moe_route(r(4, 8), top_k=2.0), "top_k"),
-    ("moe_route", lambda: ops.moe_route(r(4, 8), top_k=2, n_group=3), "n_group"),
-    ("moe_route", lambda: ops.moe_route(r(4, 8), top_k=2, n_group=4, topk_group=5), "topk_group"),
-    ("moe_route", lambda: ops.moe_route(r(4, 8), top_k=5, n_group=4, topk_group=2), "top_k"),
-    ("moe_route", lambda: ops.moe_route(r(4, 8), top_k=2, correction_bias=r(7)), "correction_bias"),
-    ("moe_route", lambda: ops.moe_route(r(4, 8), top_k=2, correction_bias=r(8, device="meta")), "correction_bias"),
-    ("moe_route", lambda: ops.moe_route(r(4, 8), top_k=2, scoring="relu"), "scoring"),
-    ("moe_route", lambda: ops.moe_route(r(4, 8), top_k=2, scaling_factor=float("nan")), "scaling_factor"),
-    ("moe_dispatch", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [9], [1]]), 4), "expert_ids"),
-    ("moe_dispatch", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [-2], [1]]), 4), "expert_ids"),
-    ("moe_dispatch", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0.0], [1.0], [1.0]]), 4), "expert_ids"),
-    ("moe_dispatch", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [1]]), 4), "expert_ids"),
-    ("moe_dispatch", lambda: ops.moe_dispatch(r(3, 8, 1), torch.tensor([[0], [1], [1]]), 4), "hidden"),
-    ("moe_dispatch", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [1], [1]]), 4, align=0), "align"),
-    ("moe_dispatch", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [1], [1]], device="meta"), 4), "expert_ids"),
-    ("moe_experts", lambda: ops.moe_experts("plan", r(4, 6, 8), r(4, 8, 3)), "plan"),
-    ("moe_experts", lambda: ops.moe_experts(_plan(), r(4, 6, 9), r(4, 8, 3)), "w_gate_up"),
-    ("moe_experts", lambda: ops.moe_experts(_plan(), r(3, 6, 8), r(3, 8, 3)), "w_gate_up"),
-    ("moe_experts", lambda: ops.moe_experts(_plan(), r(4, 5, 8), r(4, 8, 3)), "w_gate_up"),
-    ("moe_experts", lambda: ops.moe_experts(_plan(), r(4, 6, 8), r(4, 8, 4)), "w_down"),
-    ("moe_experts", lambda: ops.moe_experts(_plan(), r(4, 6, 8), r(4, 8, 3).bfloat16()), "w_down"),
-    ("moe_experts", lambda: ops.moe_experts(_plan(), r(4, 6, 8), r(4, 8, 3), activation="gelu"), "activation"),
-    ("moe_experts", lambda: ops.moe_experts(_plan(), r(4, 6, 8).to(F8), r(4, 8, 3).to(F8)), "w_gate_up_scale"),
-    ("moe_experts", lambda: ops.moe_experts(_plan(), r(4, 6, 8).to(F8), r(4, 8, 3).to(F8),
-                                            w_gate_up_scale=torch.ones(4, 1, 1), w_down_scale=torch.ones(4, 2, 1)),
-     "w_down_scale"),
-    ("moe_experts", lambda: ops.moe_experts(_plan(), r(4, 6, 8).to(F8), r(4, 8, 3).to(F8),
-                                            w_gate_up_scale=torch.full((4, 1, 1), float("inf")),
-                                            w_down_scale=torch.ones(4, 1, 1)), "w_gate_up_scale"),
-    ("moe_experts", lambda: ops.moe_experts(_plan(), r(4, 6, 8), r(4, 8, 3), w_gate_up_scale=torch.ones(4, 1, 1)),
-     "w_gate_up_scale"),
-    ("moe_combine", lambda: ops.moe_combine(r(5, 8), _plan(), r(3, 2)), "expert_out"),
-    ("moe_combine", lambda: ops.moe_combine(r(6, 8), _plan(), r(3, 3)), "weights"),
-    ("moe_combine", lambda: ops.moe_combine(r(6, 8), _plan(), r(3, 2, device="meta")), "weights"),
-    ("moe_forward", lambda: ops.moe_forward(r(3, 8), r(4, 4), r(4, 6, 8), r(4, 8, 3), top_k=2), "router_logits"),
-    ("moe_forward", lambda: ops.moe_forward(r(3, 8), r(3, 4), r(5, 6, 8), r(5, 8, 3), top_k=2), "w_gate_up"),
-    ("moe_forward", lambda: ops.moe_forward(r(3, 8), r(3, 4), r(4, 6, 8), r(4, 8, 3), top_k=5), "top_k"),
-    ("lightning_indexer", lambda: ops.lightning_indexer(r(1, 2, 2, 8), r(1, 4, 8), r(1, 2, 2), top_k=0), "top_k"),
-    ("lightning_indexer", lambda: ops.lightning_indexer(r(1, 2, 8), r(1, 4, 8), r(1, 2, 2), top_k=2), "q"),
-    ("lightning_indexer", lambda: ops.lightning_indexer(r(1, 2, 2, 8), r(1, 4, 7), r(1, 2, 2), top_k=2), "k"),
-    ("lightning_indexer", lambda: ops.lightning_indexer(r(1, 2, 2, 8), r(1, 4, 8), r(1, 2, 3), top_k=2), "weights"),
-    ("lightning_indexer", lambda: ops.lightning_indexer(r(1, 2, 2, 8), r(1, 4, 8), r(1, 2, 2).bfloat16(), top_k=2),
-     "weights"),
-    ("lightning_indexer", lambda: ops.lightning_indexer(r(1, 2, 2, 8), r(1, 4, 8), r(1, 2, 2), top_k=2,
-                                                        k_lengths=torch.tensor([5])), "k_lengths"),
-    ("lightning_indexer", lambda: ops.lightning_indexer(r(1, 2, 2, 8).to(F8), r(1, 4, 8).to(F8), r(1, 2, 2), top_k=2),
-     "q_scale"),
-    ("lightning_indexer", lambda: ops.lightning_indexer(r(1, 2, 2, 8).to(F8), r(1, 4, 8).to(F8), r(1, 2, 2), top_k=2,
-                                                        q_scale=torch.ones(1, 2, 2), k_scale=torch.zeros(1, 4)),
-     "k_scale"),
-    ("lightning_indexer", lambda: ops.lightning_indexer(r(1, 2, 2, 8), r(1, 4, 8, device="meta"), r(1, 2, 2), top_k=2),
-     "k"),
-    ("sparse_attention", lambda: ops.sparse_attention(r(1, 1, 4, 8), r(1, 3, 3, 8), r(1, 3, 3, 8), IDX, scale=1.0), "k"),
-    ("sparse_attention", lambda: ops.sparse_attention(r(1, 1, 4, 8), r(1, 3, 2, 8), r(1, 4, 2, 8), IDX, scale=1.0), "v"),
-    ("sparse_attention", lambda: ops.sparse_attention(r(1, 1, 4, 8), r(1, 3, 2, 8), r(1, 3, 2, 8), IDX + 3, scale=1.0),
-     "indices"),
-    ("sparse_attention", lambda: ops.sparse_attention(r(1, 1, 4, 8), r(1, 3, 2, 8), r(1, 3, 2, 8), IDX - 2, scale=1.0),
-     "indices"),
-    ("sparse_attention", lambda: ops.sparse_attention(r(1, 1, 4, 8), r(1, 3, 2, 8), r(1, 3, 2, 8), IDX.long(),
-                                                      scale=1.0), "indices"),
-    ("sparse_attention", lambda: ops.sparse_attention(r(1, 1, 4, 8), r(1, 3, 2, 8).bfloat16(), r(1, 3, 2, 8), IDX,
-                                                      scale=1.0), "k"),
-    ("sparse_attention", lambda: ops.sparse_attention(r(1, 1, 4, 8), r(1, 3, 2, 8), r(1, 3, 2, 8), IDX,
-                                                      scale=float("inf")), "scale"),
-    ("fp8_quantize", lambda: ops.fp8_quantize(r(4, 8).to(F8)), "x"),
-    ("fp8_quantize", lambda: ops.fp8_quantize(torch.tensor(1.0)), "x"),
-    ("fp8_quantize", lambda: ops.fp8_quantize(r(4, 8), group_size=0), "group_size"),
-    ("fp8_quantize", lambda: ops.fp8_quantize(r(4, 8), scale_format="e8m0"), "scale_format"),
-    ("fp8_quantize_weight", lambda: ops.fp8_quantize_weight(r(4, 8, 2)), "w"),
-    ("fp8_quantize_weight", lambda: ops.fp8_quantize_weight(r(4, 8), block=-1), "block"),
+    # ---- moe_route
+    ("moe_route", "rank", "router_logits", lambda: ops.moe_route(r(4), top_k=1)),
+    ("moe_route", "rank", "correction_bias", lambda: ops.moe_route(r(4, 8), top_k=2, correction_bias=r(1, 8))),
+    ("moe_route", "shape", "router_logits", lambda: ops.moe_route(r(4, 0), top_k=1)),
+    ("moe_route", "shape", "correction_bias", lambda: ops.moe_route(r(4, 8), top_k=2, correction_bias=r(7))),
+    ("moe_route", "dtype", "router_logits", lambda: ops.moe_route(r(4, 8).int(), top_k=1)),
+    ("moe_route", "dtype", "router_logits", lambda: ops.moe_route(r(4, 8).to(F8), top_k=1)),
+    ("moe_route", "dtype", "correction_bias", lambda: ops.moe_route(r(4, 8), top_k=2, correction_bias=torch.zeros(8, dtype=I32))),
+    ("moe_route", "device", "correction_bias", lambda: ops.moe_route(r(4, 8), top_k=2, correction_bias=_meta(8))),
+    ("moe_route", "value", "top_k", lambda: ops.moe_route(r(4, 8), top_k=9)),                     # k > E
+    ("moe_route", "value", "top_k", lambda: ops.moe_route(r(4, 8), top_k=0)),                     # k < 1
+    ("moe_route", "value", "top_k", lambda: ops.moe_route(r(4, 8), top_k=-1)),
+    ("moe_route", "value", "top_k", lambda: ops.moe_route(r(4, 8), top_k=2.0)),
+    ("moe_route", "value", "top_k", lambda: ops.moe_route(r(4, 8), top_k=True)),
+    ("moe_route", "value", "top_k", lambda: ops.moe_route(r(4, 8), top_k=5, n_group=4, topk_group=2)),  # > kept experts
+    ("moe_route", "value", "n_group", lambda: ops.moe_route(r(4, 8), top_k=2, n_group=3)),          # 3 does not divide 8
+    ("moe_route", "value", "n_group", lambda: ops.moe_route(r(4, 8), top_k=2, n_group=0)),
+    ("moe_route", "value", "topk_group", lambda: ops.moe_route(r(4, 8), top_k=2, n_group=4, topk_group=5)),
+    ("moe_route", "value", "topk_group", lambda: ops.moe_route(r(4, 8), top_k=2, n_group=4, topk_group=0)),
+    ("moe_route", "value", "scoring", lambda: ops.moe_route(r(4, 8), top_k=2, scoring="relu")),
+    ("moe_route", "value", "scaling_factor", lambda: ops.moe_route(r(4, 8), top_k=2, scaling_factor=NAN)),
+    ("moe_route", "value", "scaling_factor", lambda: ops.moe_route(r(4, 8), top_k=2, scaling_factor=INF)),
+    ("moe_route", "value", "renormalize", lambda: ops.moe_route(r(4, 8), top_k=2, renormalize=1)),
+    # ---- moe_dispatch
+    ("moe_dispatch", "rank", "hidden", lambda: ops.moe_dispatch(r(3, 8, 1), torch.tensor([[0], [1], [1]]), 4)),
+    ("moe_dispatch", "rank", "expert_ids", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([0, 1, 1]), 4)),
+    ("moe_dispatch", "shape", "expert_ids", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [1]]), 4)),
+    ("moe_dispatch", "dtype", "expert_ids", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0.0], [1.0], [1.0]]), 4)),
+    ("moe_dispatch", "dtype", "hidden", lambda: ops.moe_dispatch(r(3, 8).to(F8), torch.tensor([[0], [1], [1]]), 4)),
+    ("moe_dispatch", "device", "expert_ids", lambda: ops.moe_dispatch(r(3, 8), _meta(3, 1, dtype=torch.int64), 4)),
+    ("moe_dispatch", "value", "expert_ids", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [4], [1]]), 4)),
+    ("moe_dispatch", "value", "expert_ids", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [-2], [1]]), 4)),
+    ("moe_dispatch", "value", "num_experts", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [1], [1]]), 0)),
+    ("moe_dispatch", "value", "num_experts", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [1], [1]]), 4.0)),
+    ("moe_dispatch", "value", "align", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [1], [1]]), 4, align=0)),
+    # ---- moe_experts
+    ("moe_experts", "rank", "w_gate_up", lambda: ops.moe_experts(_plan(), r(6, 8), r(4, 8, 3))),
+    ("moe_experts", "rank", "plan.hidden", lambda: ops.moe_experts(_replan(hidden=r(6, 8, 1)), r(4, 6, 8), r(4, 8, 3))),
+    ("moe_experts", "shape", "w_gate_up", lambda: ops.moe_experts(_plan(), r(4, 6, 9), r(4, 8, 3))),   # H
+    ("moe_experts", "shape", "w_gate_up", lambda: ops.moe_experts(_plan(), r(3, 6, 8), r(3, 8, 3))),   # E
+    ("moe_experts", "shape", "w_gate_up", lambda: ops.moe_experts(_plan(), r(4, 5, 8), r(4, 8, 3))),   # odd 2I
+    ("moe_experts", "shape", "w_down", lambda: ops.moe_experts(_plan(), r(4, 6, 8), r(4, 8, 4))),      # I
+    ("moe_experts", "shape", "w_gate_up_scale", lambda: ops.moe_experts(_plan(), GU8, D8, w_gate_up_scale=GU8S[:, :, :0],
+                                                                          w_down_scale=D8S)),
+    ("moe_experts", "shape", "plan.source", lambda: ops.moe_experts(_replan(source=torch.zeros(5, dtype=torch.int64)),
+                                                                      r(4, 6, 8), r(4, 8, 3))),
+    ("moe_experts", "dtype", "w_gate_up", lambda: ops.moe_experts(_plan(), r(4, 6, 8).int(), r(4, 8, 3).int())),
+    ("moe_experts", "dtype", "w_down", lambda: ops.moe_experts(_plan(), r(4, 6, 8), r(4, 8, 3).bfloat16())),
+    ("moe_experts", "dtype", "w_down_scale", lambda: ops.moe_experts(_plan(), GU8, D8, w_gate_up_scale=GU8S,
+                                                                       w_down_scale=D8S.double())),
+    ("moe_experts", "dtype", "plan.tokens_per_expert", lambda: ops.moe_experts(
+        _replan(tokens_per_expert=_plan().tokens_per_expert.long()), r(4, 6, 8), r(4, 8, 3))),
+    ("moe_experts", "device", "w_gate_up", lambda: ops.moe_experts(_plan(), _meta(4, 6, 8), _meta(4, 8, 3))),
+    ("moe_experts", "device", "w_down_scale", lambda: ops.moe_experts(_plan(), GU8, D8, w_gate_up_scale=GU8S,
+                                                                        w_down_scale=D8S.to("meta"))),
+    ("moe_experts", "device", "plan.offsets", lambda: ops.moe_experts(_replan(offsets=_plan().offsets.to("meta")),
+                                                                        r(4, 6, 8), r(4, 8, 3))),
+    ("moe_experts", "value", "plan", lambda: ops.moe_experts("plan", r(4, 6, 8), r(4, 8, 3))),
+    ("moe_experts", "value", "activation", lambda: ops.moe_experts(_plan(), r(4, 6, 8), r(4, 8, 3), activation="gelu")),
+    ("moe_experts", "value", "w_gate_up_scale", lambda: ops.moe_experts(_plan(), GU8, D8)),          # missing fp8 scales
+    ("moe_experts", "value", "w_down_scale", lambda: ops.moe_experts(_plan(), GU8, D8, w_gate_up_scale=GU8S)),
+    ("moe_experts", "value", "w_gate_up_scale", lambda: ops.moe_experts(_plan(), GU8, D8, w_gate_up_scale=GU8S * INF,
+                                                                          w_down_scale=D8S)),
+    ("moe_experts", "value", "w_down_scale", lambda: ops.moe_experts(_plan(), GU8, D8, w_gate_up_scale=GU8S,
+                                                                       w_down_scale=D8S * 0)),
+    ("moe_experts", "value", "w_down_scale", lambda: ops.moe_experts(_plan(), GU8, D8, w_gate_up_scale=GU8S,
+                                                                       w_down_scale=D8S * NAN)),
+    ("moe_experts", "value", "w_gate_up_scale", lambda: ops.moe_experts(_plan(), r(4, 6, 8), r(4, 8, 3),
+                                                                          w_gate_up_scale=torch.ones(4, 1, 1))),  # bf16 + scales
+    ("moe_experts", "value", "plan.offsets", lambda: ops.moe_experts(
+        _replan(offsets=torch.tensor([0, 1, 2, 3, 5], dtype=I32)), r(4, 6, 8), r(4, 8, 3))),         # does not end at N
+    ("moe_experts", "value", "plan.offsets", lambda: ops.moe_experts(
+        _replan(tokens_per_expert=torch.tensor([6, 0, 0, 0], dtype=I32), offsets=torch.tensor([0, 3, 3, 6, 6], dtype=I32)),
+        r(4, 6, 8), r(4, 8, 3))),                                                                    # segment too small
+    ("moe_experts", "value", "plan.source", lambda: ops.moe_experts(
+        _replan(source=torch.tensor([0, 1, 2, 3, 4, 6])), r(4, 6, 8), r(4, 8, 3))),                  # >= T*k
+    ("moe_experts", "value", "plan.tokens_per_expert", lambda: ops.moe_experts(
+        _replan(tokens_per_expert=torch.tensor([-1, 0, 0, 0], dtype=I32)), r(4, 6, 8), r(4, 8, 3))),
+    ("moe_experts", "value", "plan.num_tokens", lambda: ops.moe_experts(_replan(num_tokens=-1), r(4, 6, 8), r(4, 8, 3))),
+    # ---- moe_combine
+    ("moe_combine", "rank", "expert_out", lambda: ops.moe_combine(r(6), _plan(), r(3, 2))),
+    ("moe_combine", "rank", "weights", lambda: ops.moe_combine(r(6, 8), _plan(), r(6))),
+    ("moe_combine", "shape", "expert_out", lambda: ops.moe_combine(r(5, 8), _plan(), r(3, 2))),
+    ("moe_combine", "shape", "weights", lambda: ops.moe_combine(r(6, 8), _plan(), r(3, 3))),
+    ("moe_combine", "dtype", "weights", lambda: ops.moe_combine(r(6, 8), _plan(), torch.ones(3, 2, dtype=I32))),
+    ("moe_combine", "dtype", "expert_out", lambda: ops.moe_combine(r(6, 8).to(F8), _plan(), r(3, 2))),
+    ("moe_combine", "device", "weights", lambda: ops.moe_combine(r(6, 8), _plan(), _meta(3, 2))),
+    ("moe_combine", "value", "plan", lambda: ops.moe_combine(r(6, 8), (r(6, 8), None), r(3, 2))),
+    ("moe_combine", "value", "plan.source", lambda: ops.moe_combine(r(6, 8), _replan(source=torch.tensor([0, 1, 2, 3, 4, -2])),
+                                                                      r(3, 2))),
+    # ---- moe_forward
+    ("moe_forward", "rank", "hidden", lambda: ops.moe_forward(r(3, 8, 1), *FWD[1:], top_k=2)),
+    ("moe_forward", "rank", "w_down", lambda: ops.moe_forward(*FWD[:3], r(4, 24), top_k=2)),
+    ("moe_forward", "shape", "router_logits", lambda: ops.moe_forward(FWD[0], r(4, 4), *FWD[2:], top_k=2)),  # T
+    ("moe_forward", "shape", "w_gate_up", lambda: ops.moe_forward(*FWD[:2], r(5, 6, 8), r(5, 8, 3), top_k=2)),  # E
+    ("moe_forward", "shape", "correction_bias", lambda: ops.moe_forward(*FWD, top_k=2, correction_bias=r(5))),
+    ("moe_forward", "dtype", "hidden", lambda: ops.moe_forward(FWD[0].int(), *FWD[1:], top_k=2)),
+    ("moe_forward", "device", "router_logits", lambda: ops.moe_forward(FWD[0], _meta(3, 4), *FWD[2:], top_k=2)),
+    ("moe_forward", "device", "w_gate_up", lambda: ops.moe_forward(*FWD[:2], _meta(4, 6, 8), _meta(4, 8, 3), top_k=2)),
+    ("moe_forward", "value", "top_k", lambda: ops.moe_forward(*FWD, top_k=5)),
+    ("moe_forward", "value", "n_group", lambda: ops.moe_forward(*FWD, top_k=2, n_group=3)),
+    ("moe_forward", "value", "w_gate_up_scale", lambda: ops.moe_forward(*FWD[:2], GU8, D8, top_k=2)),
+    ("moe_forward", "value", "w_down_scale", lambda: ops.moe_forward(*FWD, top_k=2, w_down_scale=torch.ones(4, 1, 1))),
+    # ---- lightning_indexer
+    ("lightning_indexer", "rank", "q", lambda: ops.lightning_indexer(r(1, 2, 8), LI[1], LI[2], top_k=2)),
+    ("lightning_indexer", "rank", "q_offset", lambda: ops.lightning_indexer(*LI, top_k=2, q_offset=torch.zeros(1, 1, dtype=I32))),
+    ("lightning_indexer", "shape", "k", lambda: ops.lightning_indexer(LI[0], r(1, 4, 7), LI[2], top_k=2)),      # D
+    ("lightning_indexer", "shape", "k", lambda: ops.lightning_indexer(LI[0], r(2, 4, 8), LI[2], top_k=2)),      # B
+    ("lightning_indexer", "shape", "weights", lambda: ops.lightning_indexer(*LI[:2], r(1, 2, 3), top_k=2)),
+    ("lightning_indexer", "shape", "k_lengths", lambda: ops.lightning_indexer(*LI, top_k=2, k_lengths=torch.tensor([4, 4]))),
+    ("lightning_indexer", "shape", "q_scale", lambda: ops.lightning_indexer(Q8, K8, LI[2], top_k=2, q_scale=torch.ones(1, 2),
+                                                                              k_scale=torch.ones(1, 4))),
+    ("lightning_indexer", "dtype", "weights", lambda: ops.lightning_indexer(*LI[:2], LI[2].bfloat16(), top_k=2)),
+    ("lightning_indexer", "dtype", "k", lambda: ops.lightning_indexer(LI[0], LI[1].bfloat16(), LI[2], top_k=2)),
+    ("lightning_indexer", "dtype", "q", lambda: ops.lightning_indexer(LI[0].int(), LI[1].int(), LI[2], top_k=2)),
+    ("lightning_indexer", "dtype", "q_offset", lambda: ops.lightning_indexer(*LI, top_k=2, q_offset=torch.zeros(1))),
+    ("lightning_indexer", "device", "k", lambda: ops.lightning_indexer(LI[0], _meta(1, 4, 8), LI[2], top_k=2)),
+    ("lightning_indexer", "device", "k_lengths", lambda: ops.lightning_indexer(*LI, top_k=2,
+                                                                                 k_lengths=_meta(1, dtype=torch.int64))),
+    ("lightning_indexer", "value", "top_k", lambda: ops.lightning_indexer(*LI, top_k=0)),
+    ("lightning_indexer", "value", "causal", lambda: ops.lightning_indexer(*LI, top_k=2, causal="yes")),
+    ("lightning_indexer", "value", "q_offset", lambda: ops.lightning_indexer(*LI, top_k=2, q_offset=[0])),
+    ("lightning_indexer", "value", "k_lengths", lambda: ops.lightning_indexer(*LI, top_k=2, k_lengths=torch.tensor([5]))),
+    ("lightning_indexer", "value", "k_lengths", lambda: ops.lightning_indexer(*LI, top_k=2, k_lengths=torch.tensor([-1]))),
+    ("lightning_indexer", "value", "q_scale", lambda: ops.lightning_indexer(Q8, K8, LI[2], top_k=2)),        # missing scales
+    ("lightning_indexer", "value", "k_scale", lambda: ops.lightning_indexer(Q8, K8, LI[2], top_k=2, q_scale=torch.ones(1, 2, 2))),
+    ("lightning_indexer", "value", "k_scale", lambda: ops.lightning_indexer(Q8, K8, LI[2], top_k=2, q_scale=torch.ones(1, 2, 2),
+                                                                              k_scale=torch.zeros(1, 4))),
+    ("lightning_indexer", "value", "q_scale", lambda: ops.lightning_indexer(Q8, K8, LI[2], top_k=2,
+                                                                              q_scale=torch.full((1, 2, 2), NAN),
+                                                                              k_scale=torch.ones(1, 4))),
+    ("lightning_indexer", "value", "q_scale", lambda: ops.lightning_indexer(*LI, top_k=2, q_scale=torch.ones(1, 2, 2))),
+    ("lightning_indexer", "value", "q_scale", lambda: ops.lightning_indexer(Q8, K8, LI[2], top_k=2, q_scale=1.0,
+                                                                              k_scale=torch.ones(1, 4))),
+    # ---- sparse_attention
+    ("sparse_attention", "rank", "q", lambda: ops.sparse_attention(r(1, 4, 8), *SA[1:], IDX, scale=1.0)),
+    ("sparse_attention", "rank", "v", lambda: ops.sparse_attention(*SA[:2], r(1, 3, 16), IDX, scale=1.0)),
+    ("sparse_attention", "rank", "indices", lambda: ops.sparse_attention(*SA, IDX[0], scale=1.0)),
+    ("sparse_attention", "shape", "k", lambda: ops.sparse_attention(SA[0], r(1, 3, 3, 8), r(1, 3, 3, 8), IDX, scale=1.0)),  # Hk
+    ("sparse_attention", "shape", "k", lambda: ops.sparse_attention(SA[0], r(1, 3, 2, 9), SA[2], IDX, scale=1.0)),  # Dqk
+    ("sparse_attention", "shape", "v", lambda: ops.sparse_attention(*SA[:2], r(1, 4, 2, 8), IDX, scale=1.0)),      # L
+    ("sparse_attention", "shape", "indices", lambda: ops.sparse_attention(*SA, torch.zeros(1, 2, 3, dtype=I32), scale=1.0)),
+    ("sparse_attention", "dtype", "indices", lambda: ops.sparse_attention(*SA, IDX.long(), scale=1.0)),
+    ("sparse_attention", "dtype", "k", lambda: ops.sparse_attention(SA[0], SA[1].bfloat16(), SA[2], IDX, scale=1.0)),
+    ("sparse_attention", "dtype", "q", lambda: ops.sparse_attention(SA[0].to(F8), SA[1].to(F8), SA[2].to(F8), IDX, scale=1.0)),
+    ("sparse_attention", "device", "v", lambda: ops.sparse_attention(*SA[:2], _meta(1, 3, 2, 8), IDX, scale=1.0)),
+    ("sparse_attention", "device", "indices", lambda: ops.sparse_attention(*SA, IDX.to("meta"), scale=1.0)),
+    ("sparse_attention", "value", "indices", lambda: ops.sparse_attention(*SA, IDX + 3, scale=1.0)),     # >= L
+    ("sparse_attention", "value", "indices", lambda: ops.sparse_attention(*SA, IDX - 2, scale=1.0)),     # < -1
+    ("sparse_attention", "value", "scale", lambda: ops.sparse_attention(*SA, IDX, scale=INF)),
+    ("sparse_attention", "value", "scale", lambda: ops.sparse_attention(*SA, IDX, scale=torch.tensor(1.0))),
+    ("sparse_attention", "value", "return_lse", lambda: ops.sparse_attention(*SA, IDX, scale=1.0, return_lse=None)),
+    # ---- fp8_quantize (one tensor: no device mix, and any [..., K] shape is legal)
+    ("fp8_quantize", "rank", "x", lambda: ops.fp8_quantize(torch.tensor(1.0))),
+    ("fp8_quantize", "dtype", "x", lambda: ops.fp8_quantize(r(4, 8).to(F8))),
+    ("fp8_quantize", "dtype", "x", lambda: ops.fp8_quantize(torch.ones(4, 8, dtype=I32))),
+    ("fp8_quantize", "value", "x", lambda: ops.fp8_quantize([[1.0, 2.0]])),
+    ("fp8_quantize", "value", "group_size", lambda: ops.fp8_quantize(r(4, 8), group_size=0)),
+    ("fp8_quantize", "value", "scale_format", lambda: ops.fp8_quantize(r(4, 8), scale_format="e8m0")),
+    # ---- fp8_quantize_weight
+    ("fp8_quantize_weight", "rank", "w", lambda: ops.fp8_quantize_weight(r(4, 8, 2))),
+    ("fp8_quantize_weight", "rank", "w", lambda: ops.fp8_quantize_weight(r(8))),
+    ("fp8_quantize_weight", "dtype", "w", lambda: ops.fp8_quantize_weight(r(4, 8).to(F8))),
+    ("fp8_quantize_weight", "value", "block", lambda: ops.fp8_quantize_weight(r(4, 8), block=-1)),
+    # ---- fp8_gemm
+    ("fp8_gemm", "rank", "a", lambda: ops.fp8_gemm(A8[0], A8S, B8, B8S)),
+    ("fp8_gemm", "rank", "b_scale", lambda: ops.fp8_gemm(A8, A8S, B8, B8S.flatten())),
+    ("fp8_gemm", "shape", "a_scale", lambda: ops.fp8_gemm(A8, A8S[:, :1], B8, B8S)),
+    ("fp8_gemm", "shape", "b_scale", lambda: ops.fp8_gemm(A8, A8S, B8, B8S.t())),
+    ("fp8_gemm", "shape", "b", lambda: ops.fp8_gemm(A8, A8S, B8[:, :100], B8S)),
+    ("fp8_gemm", "shape", "bias", lambda: ops.fp8_gemm(A8, A8S, B8, B8S, bias=r(15))),
     # a bf16 tensor holding values beyond 448 where float8 is expected: quantize it first
-    ("fp8_gemm", lambda: ops.fp8_gemm(r(4, 200).bfloat16() * 1000, A8S, B8, B8S), "a"),
-    ("fp8_gemm", lambda: ops.fp8_gemm(A8, A8S[:, :1], B8, B8S), "a_scale"),
-    ("fp8_gemm", lambda: ops.fp8_gemm(A8, A8S, B8, B8S.t()), "b_scale"),
-    ("fp8_gemm", lambda: ops.fp8_gemm(A8, A8S * float("nan"), B8, B8S), "a_scale"),
-    ("fp8_gemm", lambda: ops.fp8_gemm(A8, A8S, B8, -B8S), "b_scale"),
-    ("fp8_gemm", lambda: ops.fp8_gemm(A8, A8S, B8[:, :100], B8S), "b"),
-    ("fp8_gemm", lambda: ops.fp8_gemm(A8, A8S, B8, B8S, out_dtype=torch.int32), "out_dtype"),
-    ("fp8_gemm", lambda: ops.fp8_gemm(A8, A8S, B8, B8S, bias=r(15)), "bias"),
-    ("fp8_linear", lambda: ops.fp8_linear(r(4, 199), B8, B8S), "x"),
-    ("fp8_linear", lambda: ops.fp8_linear(r(4, 200), B8.float(), B8S), "w_q"),
-    ("fp8_linear", lambda: ops.fp8_linear(r(4, 200), B8, B8S[:, :1]), "w_scale"),
-    ("fp8_linear", lambda: ops.fp8_linear(r(4, 200), B8, B8S * float("inf")), "w_scale"),
+    ("fp8_gemm", "dtype", "a", lambda: ops.fp8_gemm(r(4, 200).bfloat16() * 1000, A8S, B8, B8S)),
+    ("fp8_gemm", "dtype", "b", lambda: ops.fp8_gemm(A8, A8S, r(16, 200).bfloat16() * 1000, B8S)),
+    ("fp8_gemm", "dtype", "a_scale", lambda: ops.fp8_gemm(A8, A8S.bfloat16(), B8, B8S)),
+    ("fp8_gemm", "dtype", "bias", lambda: ops.fp8_gemm(A8, A8S, B8, B8S, bias=torch.zeros(16, dtype=I32))),
+    ("fp8_gemm", "device", "b", lambda: ops.fp8_gemm(A8, A8S, B8.to("meta"), B8S)),
+    ("fp8_gemm", "device", "a_scale", lambda: ops.fp8_gemm(A8, A8S.to("meta"), B8, B8S)),
+    ("fp8_gemm", "device", "bias", lambda: ops.fp8_gemm(A8, A8S, B8, B8S, bias=_meta(16))),
+    ("fp8_gemm", "value", "b_scale", lambda: ops.fp8_gemm(A8, A8S, B8, None)),                        # missing scales
+    ("fp8_gemm", "value", "a_scale", lambda: ops.fp8_gemm(A8, A8S * NAN, B8, B8S)),
+    ("fp8_gemm", "value", "b_scale", lambda: ops.fp8_gemm(A8, A8S, B8, -B8S)),
+    ("fp8_gemm", "value", "b_scale", lambda: ops.fp8_gemm(A8, A8S, B8, B8S * INF)),
+    ("fp8_gemm", "value", "a_scale", lambda: ops.fp8_gemm(A8, A8S * 0, B8, B8S)),
+    ("fp8_gemm", "value", "out_dtype", lambda: ops.fp8_gemm(A8, A8S, B8, B8S, out_dtype=torch.int32)),
+    ("fp8_gemm", "value", "out_dtype", lambda: ops.fp8_gemm(A8, A8S, B8, B8S, out_dtype=F8)),
+    # ---- fp8_linear
+    ("fp8_linear", "rank", "x", lambda: ops.fp8_linear(torch.tensor(1.0), B8, B8S)),
+    ("fp8_linear", "rank", "w_q", lambda: ops.fp8_linear(r(4, 200), B8[0], B8S)),
+    ("fp8_linear", "shape", "x", lambda: ops.fp8_linear(r(4, 199), B8, B8S)),
+    ("fp8_linear", "shape", "w_scale", lambda: ops.fp8_linear(r(4, 200), B8, B8S[:, :1])),
+    ("fp8_linear", "shape", "bias", lambda: ops.fp8_linear(r(4, 200), B8, B8S, bias=r(17))),
+    ("fp8_linear", "dtype", "w_q", lambda: ops.fp8_linear(r(4, 200), B8.float(), B8S)),
+    ("fp8_linear", "dtype", "w_q", lambda: ops.fp8_linear(r(4, 200), r(16, 200).bfloat16() * 1000, B8S)),   # > 448, bf16
+    ("fp8_linear", "dtype", "x", lambda: ops.fp8_linear(r(4, 200).to(F8), B8, B8S)),
+    ("fp8_linear", "device", "w_q", lambda: ops.fp8_linear(r(4, 200), B8.to("meta"), B8S)),
+    ("fp8_linear", "device", "w_scale", lambda: ops.fp8_linear(r(4, 200), B8, B8S.to("meta"))),
+    ("fp8_linear", "value", "w_scale", lambda: ops.fp8_linear(r(4, 200), B8, None)),                   # missing scales
+    ("fp8_linear", "value", "w_scale", lambda: ops.fp8_linear(r(4, 200), B8, B8S * INF)),
+    ("fp8_linear", "value", "w_scale", lambda: ops.fp8_linear(r(4, 200), B8, B8S * 0)),
 ]
 
 
-@pytest.mark.parametrize("op,call,arg", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
-def test_bad_input_names_op_and_argument(op, call, arg):
+@pytest.mark.parametrize("op,kind,arg,call", CASES, ids=[f"{c[0]}-{c[1]}-{c[2]}-{i}" for i, c in enumerate(CASES)])
+def test_bad_input_names_op_and_argument(op, kind, arg, call):
     with pytest.raises(hal.ContractError) as exc:
         call()
     err = exc.value
@@ -125,17 +264,45 @@ def test_bad_input_names_op_and_argument(op, call, arg):
     assert str(err).startswith(f"{op}: {arg}: expected ") and ", got " in str(err)
 
 
-def test_every_op_has_bad_input_cases():
-    assert {c[0] for c in CASES} == set(hal.CONTRACT)
+def _kinds_that_apply(op: str) -> set:
+    spec = hal.CONTRACT[op]
+    kinds = {"rank", "dtype", "value"}
+    if op not in ("fp8_quantize", "fp8_quantize_weight"):       # one tensor of any shape of its rank
+        kinds.add("shape")
+    if len(spec.tensor_args) >= 2:                              # two tensors can sit on two devices
+        kinds.add("device")
+    return kinds
+
+
+@pytest.mark.parametrize("op", list(hal.CONTRACT))
+def test_every_op_has_bad_input_cases_of_every_kind(op):
+    have = {kind for o, kind, _, _ in CASES if o == op}
+    assert _kinds_that_apply(op) <= have, f"{op}: no case for {_kinds_that_apply(op) - have}"
+
+
+def test_validation_never_reaches_the_kernel(monkeypatch):
+    # a failing validation raises before any arithmetic: the kernel is never called
+    import hal.backends.cpu as cpu
+    calls = []
+    real = cpu.KERNELS["fp8_gemm"]
+    monkeypatch.setitem(cpu.KERNELS, "fp8_gemm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    rt = hal.runtime("cpu")
+    with pytest.raises(hal.ContractError):
+        rt.fp8_gemm(A8, A8S * NAN, B8, B8S)
+    assert calls == []
+    rt.fp8_gemm(A8, A8S, B8, B8S)                                # the same runtime with good inputs: called
+    assert calls == [1]
 
 
 def test_checked_mode_reports_duplicate_sparse_indices():
-    args = (r(1, 1, 2, 8), r(1, 3, 1, 8), r(1, 3, 1, 8), torch.tensor([[[1, 1, -1]]], dtype=torch.int32))
+    args = (r(1, 1, 2, 8), r(1, 3, 1, 8), r(1, 3, 1, 8), torch.tensor([[[1, 1, -1]]], dtype=I32))
     ops.sparse_attention(*args, scale=1.0)                       # duplicates are the caller's bug: unchecked
     hal.set_checked(True)
     try:
-        with pytest.raises(hal.ContractError, match="duplicate"):
+        with pytest.raises(hal.ContractError, match="duplicate") as exc:
             ops.sparse_attention(*args, scale=1.0)
+        assert exc.value.arg == "indices"
+        ops.sparse_attention(args[0], args[1], args[2], torch.tensor([[[1, -1, -1]]], dtype=I32), scale=1.0)  # -1s repeat
     finally:
         hal.set_checked(False)
 
@@ -150,3 +317,11 @@ def test_data_checks_skip_device_tensors_unless_checked():
         assert data_checks(meta)
     finally:
         hal.set_checked(False)
+
+
+def test_validate_functions_raise_the_same_errors_directly():
+    # hal.CONTRACT[op].validate is the check every backend's bound op runs: callable on its own
+    spec = hal.CONTRACT["moe_route"]
+    with pytest.raises(hal.ContractError, match="n_group"):
+        spec.validate(r(4, 8), top_k=2, n_group=3)
+    assert spec.validate(r(4, 8), top_k=2, n_group=4, topk_group=2) is None

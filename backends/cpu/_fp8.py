@@ -15,7 +15,9 @@ def quantize_groups(x: torch.Tensor, group: int, ue8m0: bool = False) -> tuple[t
     xp = torch.nn.functional.pad(x.float(), (0, G * group - K)).unflatten(-1, (G, group))
     s = xp.abs().amax(-1).clamp_min(1e-4) / FP8_MAX
     if ue8m0:
-        s = torch.exp2(torch.ceil(torch.log2(s)))
+        # the smallest power of two >= s; log2 in float64 because in fp32 log2(2^n * (1 + 2^-23))
+        # rounds to n for most n, which would round s down (and saturate the group's amax)
+        s = torch.exp2(torch.ceil(torch.log2(s.double()))).float()
     q = (xp / s.unsqueeze(-1)).clamp(-FP8_MAX, FP8_MAX).to(FP8)
     return q.flatten(-2)[..., :K].contiguous(), s
 

@@ -41,3 +41,9 @@ def acc() -> torch.dtype:
 def rounded(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` rounded to ``dtype`` (an intermediate or output), or kept in fp64 when exact."""
     return t if exact() else t.to(dtype)
+
+
+def matmul_nt(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a [M, K] @ b [N, K].T`` in the accumulation dtype. The operands are made contiguous so the
+    BLAS summation order (and so the last bit) never depends on how the inputs are laid out."""
+    return a.to(acc()).contiguous() @ b.to(acc()).contiguous().T

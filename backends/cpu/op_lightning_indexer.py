@@ -2,6 +2,7 @@
 import torch
 
 from ._precision import acc
+from ._topk import top_k_indices
 
 
 def lightning_indexer(q, k, weights, *, top_k, causal=True, q_offset=None, k_lengths=None, q_scale=None,
@@ -11,7 +12,7 @@ def lightning_indexer(q, k, weights, *, top_k, causal=True, q_offset=None, k_len
     qf, kf = q.to(acc()), k.to(acc())
     if q_scale is not None:
         qf, kf = qf * q_scale.to(acc())[..., None], kf * k_scale.to(acc())[..., None]
-    logits = torch.einsum("bthd,bsd->bths", qf, kf)
+    logits = torch.einsum("bthd,bsd->bths", qf.contiguous(), kf.contiguous())    # (layout never changes the sums)
     score = (weights.to(acc())[..., None] * torch.relu(logits)).sum(2)            # [B, S, L]
     lengths = torch.full((B,), L, dtype=torch.int64) if k_lengths is None else k_lengths.long()
     offset = lengths - S if q_offset is None else q_offset.long()
@@ -19,13 +20,9 @@ def lightning_indexer(q, k, weights, *, top_k, causal=True, q_offset=None, k_len
     visible = (s_pos[None, None, :] < lengths[:, None, None]).expand(B, S, L)
     if causal:
         visible = visible & (s_pos[None, None, :] <= offset[:, None, None] + t_pos[None, :, None])
-    score = torch.where(torch.isnan(score), float("-inf"), score)
-    by_score = torch.sort(score, dim=-1, descending=True, stable=True).indices
-    vis_in_order = visible.gather(-1, by_score)
-    order = by_score.gather(-1, torch.sort(vis_in_order.to(torch.int8), dim=-1, descending=True, stable=True).indices)
+    n = min(top_k, L)
+    picked = top_k_indices(score, n, eligible=visible)                            # visible keys first
     n_visible = visible.sum(-1, keepdim=True)
     out = torch.full((B, S, top_k), -1, dtype=torch.int32)
-    n = min(top_k, L)
-    picked = order[..., :n]
     out[..., :n] = torch.where(torch.arange(n) < n_visible, picked, -1).to(torch.int32)
     return out

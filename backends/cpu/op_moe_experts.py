@@ -2,15 +2,15 @@
 import torch
 
 from ._fp8 import dequantize_weight, quantize_groups, dequantize_activation
-from ._precision import acc, rounded
+from ._precision import acc, matmul_nt, rounded
 
 
 def _matmul(x, w, w_scale):
     """x [n, K] (activation dtype) @ w.T, w [N, K] bf16 or e4m3 with 128x128 block scales."""
     if w_scale is None:
-        return x.to(acc()) @ w.to(acc()).T
+        return matmul_nt(x, w)
     xq, xs = quantize_groups(x, 128)
-    return dequantize_activation(xq, xs) @ dequantize_weight(w, w_scale).T
+    return matmul_nt(dequantize_activation(xq, xs), dequantize_weight(w, w_scale))
 
 
 def moe_experts(plan, w_gate_up, w_down, *, activation="silu", w_gate_up_scale=None, w_down_scale=None):

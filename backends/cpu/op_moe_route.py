@@ -2,7 +2,7 @@
 import torch
 
 from ._precision import acc, exact
-from ._topk import stable_topk_indices
+from ._topk import top_k_indices
 
 
 def moe_route(router_logits, *, top_k, scoring="sigmoid", correction_bias=None, n_group=1, topk_group=1,
@@ -10,15 +10,16 @@ def moe_route(router_logits, *, top_k, scoring="sigmoid", correction_bias=None, 
     x = router_logits.to(acc())
     s = torch.sigmoid(x) if scoring == "sigmoid" else torch.softmax(x, dim=-1)
     c = s if correction_bias is None else s + correction_bias.to(acc())
-    c = torch.where(torch.isnan(c), float("-inf"), c)  # NaN ranks below every number
     T, E = c.shape
+    kept = torch.ones(T, E, dtype=torch.bool)
     if n_group > 1:
-        groups = c.view(T, n_group, E // n_group)
-        group_score = groups.topk(min(2, E // n_group), dim=-1).values.sum(-1)
-        keep = stable_topk_indices(group_score, topk_group)
-        group_mask = torch.zeros(T, n_group, dtype=torch.bool).scatter_(1, keep, True)
-        c = c.masked_fill(~group_mask.repeat_interleave(E // n_group, dim=1), float("-inf"))
-    ids = stable_topk_indices(c, top_k)
+        per_group = E // n_group
+        # group score: the sum of the group's top-2 selection scores (a NaN counts as -inf there)
+        groups = c.masked_fill(torch.isnan(c), float("-inf")).view(T, n_group, per_group)
+        group_score = groups.topk(min(2, per_group), dim=-1).values.sum(-1)
+        keep = top_k_indices(group_score, topk_group)
+        kept = torch.zeros(T, n_group, dtype=torch.bool).scatter_(1, keep, True).repeat_interleave(per_group, dim=1)
+    ids = top_k_indices(c, top_k, eligible=kept)        # experts of dropped groups are never selected
     w = s.gather(1, ids)
     if renormalize:
         w = w / (w.sum(-1, keepdim=True) + 1e-20)

@@ -20,10 +20,12 @@ ATTN_FULL = [("MLA_decode", 8, 1, 8192, 64, 1, 576, 512, 2048), ("MHA_prefill", 
              ("GQA_prefill", 1, 64, 4096, 32, 8, 128, 128, 2048)]
 
 
-def _indexer_case(name, B, S, L, Hi, D, top_k, *, dtype=torch.bfloat16, lengths=False, causal=True):
+def _indexer_case(name, B, S, L, Hi, D, top_k, *, dtype=torch.bfloat16, lengths=False, causal=True, nan_key=None):
     def build(g):
         from hal.backends.cpu import KERNELS
         q, k = randn(g, B, S, Hi, D), randn(g, B, L, D)
+        if nan_key is not None:
+            k[0, nan_key, 0] = float("nan")      # that key's scores are NaN: ranked last, still selectable
         w = torch.rand(B, S, Hi, generator=g) * (Hi ** -0.5 * D ** -0.5)
         kw = dict(top_k=top_k, causal=causal, q_offset=None, k_lengths=None, q_scale=None, k_scale=None)
         if lengths:
@@ -34,7 +36,8 @@ def _indexer_case(name, B, S, L, Hi, D, top_k, *, dtype=torch.bfloat16, lengths=
             kw.update(q_scale=qs[..., 0].contiguous(), k_scale=ks[..., 0].contiguous())
             return (q8, k8, w), kw
         return (q.to(dtype), k.to(dtype), w), kw
-    return Case("lightning_indexer", name, build, ("fp8",) if dtype == torch.float8_e4m3fn else ())
+    tags = ("fp8",) if dtype == torch.float8_e4m3fn else ()
+    return Case("lightning_indexer", name, build, tags + (("nan",) if nan_key is not None else ()))
 
 
 def _indexer_cases(level):
@@ -43,7 +46,8 @@ def _indexer_cases(level):
     if level == "quick":
         out += [_indexer_case("fp32_k_lengths", 2, 5, 20, 2, 32, 6, dtype=torch.float32, lengths=True),
                 _indexer_case("fp16_noncausal", 1, 4, 12, 2, 32, 5, dtype=torch.float16, causal=False),
-                _indexer_case("fp8", 1, 8, 32, 4, 64, 8, dtype=torch.float8_e4m3fn)]
+                _indexer_case("fp8", 1, 8, 32, 4, 64, 8, dtype=torch.float8_e4m3fn),
+                _indexer_case("nan_key", 1, 4, 10, 2, 32, 12, dtype=torch.float32, nan_key=3)]
     else:
         out += [_indexer_case("fp8_prefill", 1, 256, 4096, 64, 128, 2048, dtype=torch.float8_e4m3fn)]
     return out

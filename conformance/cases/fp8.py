@@ -11,6 +11,7 @@ GEMM_QUICK = [("M0", 0, 64, 128), ("M1", 1, 128, 256), ("aligned", 16, 256, 384)
 GEMM_FULL = [("4096x7168x2048", 4096, 7168, 2048), ("4096x2048x7168", 4096, 2048, 7168),
              ("1024x24576x1536", 1024, 24576, 1536), ("128x7168x2048", 128, 7168, 2048),
              ("kv_a_proj_576x7168", 256, 576, 7168)]
+WITH_BIAS = ("ragged", "128x7168x2048")          # the GEMMs whose cases add a bias
 
 
 def _quantize_cases(level):
@@ -45,7 +46,7 @@ def _weight_cases(level):
         else [("7168x2048", 7168, 2048), ("576x7168", 576, 7168)]
     out = []
     for name, N, K in shapes:
-        for dtype in (torch.bfloat16, torch.float32):
+        for dtype in (torch.bfloat16, torch.float32) + ((torch.float16,) if name == "tiny" else ()):
             out.append(Case("fp8_quantize_weight", f"{name}_{str(dtype)[6:]}",
                             lambda g, N=N, K=K, dtype=dtype: ((randn(g, N, K, dtype=dtype, scale=0.05),), dict(block=128))))
     return out
@@ -56,17 +57,31 @@ def _gemm_cases(level):
     out = []
     for name, M, N, K in (GEMM_QUICK if level == "quick" else GEMM_FULL):
         for out_dtype in ((torch.bfloat16, torch.float32) if level == "quick" else (torch.bfloat16,)):
-            def build(g, M=M, N=N, K=K, out_dtype=out_dtype):
+            def build(g, M=M, N=N, K=K, out_dtype=out_dtype, with_bias=name in WITH_BIAS):
                 a, a_s = KERNELS["fp8_quantize"](randn(g, M, K, scale=2.0), group_size=128, scale_format="fp32")
                 b, b_s = KERNELS["fp8_quantize_weight"](randn(g, N, K, scale=0.05), block=128)
-                bias = randn(g, N) if name == "ragged" else None
+                bias = randn(g, N) if with_bias else None
                 return (a, a_s, b, b_s), dict(out_dtype=out_dtype, bias=bias)
-            out.append(Case("fp8_gemm", f"{name}_{str(out_dtype)[6:]}", build))
-        def linear(g, M=M, N=N, K=K):
+            out.append(Case("fp8_gemm", f"{name}_{str(out_dtype)[6:]}", build, ("bias",) if name in WITH_BIAS else ()))
+
+        def linear(g, M=M, N=N, K=K, with_bias=name in WITH_BIAS):
             w, w_s = KERNELS["fp8_quantize_weight"](randn(g, N, K, scale=0.05), block=128)
-            return (randn(g, M, K, dtype=torch.bfloat16, scale=2.0), w, w_s), dict(bias=None)
-        out.append(Case("fp8_linear", name, linear))
+            bias = randn(g, N, dtype=torch.bfloat16) if with_bias else None
+            return (randn(g, M, K, dtype=torch.bfloat16, scale=2.0), w, w_s), dict(bias=bias)
+        out.append(Case("fp8_linear", name, linear, ("bias",) if name in WITH_BIAS else ()))
     if level == "quick":
+        def fp16_out(g):
+            a, a_s = KERNELS["fp8_quantize"](randn(g, 5, 256, scale=2.0), group_size=128, scale_format="fp32")
+            b, b_s = KERNELS["fp8_quantize_weight"](randn(g, 96, 256, scale=0.05), block=128)
+            return (a, a_s, b, b_s), dict(out_dtype=torch.float16, bias=randn(g, 96, dtype=torch.float16))
+        out.append(Case("fp8_gemm", "fp16_out_bias", fp16_out, ("fp16", "bias")))
+
+        def linear_dtype(g, dtype, shape):
+            w, w_s = KERNELS["fp8_quantize_weight"](randn(g, 72, shape[-1], scale=0.05), block=128)
+            return (randn(g, *shape, dtype=dtype, scale=2.0), w, w_s), dict(bias=None)
+        out.append(Case("fp8_linear", "fp16_x", lambda g: linear_dtype(g, torch.float16, (6, 192)), ("fp16",)))
+        out.append(Case("fp8_linear", "fp32_x_3d", lambda g: linear_dtype(g, torch.float32, (2, 3, 130)), ("fp32",)))
+
         def ue8m0(g):
             a, a_s = KERNELS["fp8_quantize"](randn(g, 8, 256), group_size=128, scale_format="ue8m0")
             b, b_s = KERNELS["fp8_quantize_weight"](randn(g, 64, 256, scale=0.05), block=128)

@@ -47,7 +47,12 @@ def _route_edges():
         return (x,), dict(top_k=1, scoring="softmax", correction_bias=None, n_group=1, topk_group=1,
                           renormalize=True, scaling_factor=1.0)
 
+    def fp16(g):
+        return (_logits(g, 5, 8, torch.float16),), dict(top_k=2, scoring="softmax", correction_bias=None, n_group=1,
+                                                        topk_group=1, renormalize=False, scaling_factor=1.0)
+
     return [Case("moe_route", "bf16_grouped", bf16, ("bf16", "groups")),
+            Case("moe_route", "fp16_softmax", fp16, ("fp16",)),
             Case("moe_route", "nan_inf_logits", nan_inf, ("nan", "inf")),
             Case("moe_route", "all_to_one_expert", one_expert, ("one_expert",))]
 
@@ -110,6 +115,13 @@ def _experts_cases(shapes, level):
                 return (plan, w_gu, w_d), dict(activation="silu", **scales)
             out.append(Case("moe_experts", f"{name}_{'fp8' if fp8 else 'bf16'}", build, ("fp8",) if fp8 else ()))
     if level == "quick":
+        for dtype in (torch.float16, torch.float32):          # non-bf16 activations with same-dtype weights
+            def other_dtype(g, dtype=dtype):
+                plan = _plan(g, 7, 4, 2, 64, align=2, drop=0.1, dtype=dtype)
+                w_gu, w_d = randn(g, 4, 64, 64, dtype=dtype, scale=0.05), randn(g, 4, 64, 32, dtype=dtype, scale=0.05)
+                return (plan, w_gu, w_d), dict(activation="silu", w_gate_up_scale=None, w_down_scale=None)
+            out.append(Case("moe_experts", f"{str(dtype)[6:]}_activations", other_dtype, (str(dtype)[6:],)))
+
         def partial(g):                       # H and I not multiples of 128: partial scale blocks
             plan = _plan(g, 6, 4, 2, 160, align=2)
             w_gu, w_d, scales = _weights(g, 4, 72, 160, True)
@@ -118,7 +130,7 @@ def _experts_cases(shapes, level):
     return out
 
 
-def _combine_cases(shapes):
+def _combine_cases(shapes, level):
     out = []
     for name, T, E, k, _, _, H, _ in shapes:
         def build(g, T=T, E=E, k=k, H=H):
@@ -131,6 +143,11 @@ def _combine_cases(shapes):
         plan = _plan(g, T, E, k, H, align=1)          # one row per token copy, as moe_forward builds it
         return (randn(g, plan.hidden.shape[0], H, dtype=torch.bfloat16), plan, torch.rand(T, k, generator=g)), {}
     out.append(Case("moe_combine", "one_row_per_copy", dense))
+    for dtype in ((torch.float16, torch.float32) if level == "quick" else ()):
+        def other_dtype(g, dtype=dtype):
+            plan = _plan(g, 8, 8, 2, 48, align=4, drop=0.2, dtype=dtype)
+            return (randn(g, plan.hidden.shape[0], 48, dtype=dtype), plan, torch.rand(8, 2, generator=g)), {}
+        out.append(Case("moe_combine", f"{str(dtype)[6:]}_expert_out", other_dtype, (str(dtype)[6:],)))
     return out
 
 
@@ -148,13 +165,20 @@ def _forward_cases(shapes, level):
                              n_group=ng, topk_group=tg, renormalize=True, scaling_factor=2.5, activation="silu",
                              **scales))
             out.append(Case("moe_forward", f"{name}_{'fp8' if fp8 else 'bf16'}", build))
+    if level == "quick":
+        def fp32(g, T=5, E=8, H=32, I=16):
+            w_gu, w_d = randn(g, E, 2 * I, H, scale=0.05), randn(g, E, H, I, scale=0.05)
+            return ((randn(g, T, H), _logits(g, T, E), w_gu, w_d),
+                    dict(top_k=2, scoring="softmax", correction_bias=None, n_group=1, topk_group=1, renormalize=True,
+                         scaling_factor=1.0, activation="silu", w_gate_up_scale=None, w_down_scale=None))
+        out.append(Case("moe_forward", "fp32_softmax", fp32, ("fp32",)))
     return out
 
 
 def cases(level: str) -> list[Case]:
     shapes = QUICK_SHAPES if level == "quick" else FULL_SHAPES
     out = _route_cases(shapes) + _dispatch_cases(shapes, level) + _experts_cases(shapes, level)
-    out += _combine_cases(shapes) + _forward_cases(shapes if level == "full" else shapes[1:], level)
+    out += _combine_cases(shapes, level) + _forward_cases(shapes if level == "full" else shapes[1:], level)
     if level == "quick":
         out += _route_edges()
     return out

@@ -31,14 +31,17 @@ class _Progress:
 
 
 def _summary_table(report: dict) -> str:
+    """backend x op rows: the count of each status, and the paths the cases ran on."""
     from hal.conformance.runner import STATUSES
-    lines = [f"{'backend':<34} {'op':<20} " + " ".join(f"{s[:6]:>6}" for s in STATUSES)]
+    lines = [f"{'backend':<34} {'op':<20} " + " ".join(f"{s[:6]:>6}" for s in STATUSES) + "  path"]
     for b in report["backends"]:
-        ops = {}
+        ops, paths = {}, {}
         for r in b["results"]:
             ops.setdefault(r["op"], {s: 0 for s in STATUSES})[r["status"]] += 1
+            paths.setdefault(r["op"], set()).add(r["path"])
         for op, c in ops.items():
-            lines.append(f"{b['label'][:34]:<34} {op:<20} " + " ".join(f"{c[s]:>6}" for s in STATUSES))
+            lines.append(f"{b['label'][:34]:<34} {op:<20} " + " ".join(f"{c[s]:>6}" for s in STATUSES)
+                         + "  " + "+".join(sorted(paths[op])))
     s = report["summary"]
     lines.append(("PASSED" if s["passed"] else "FAILED") + ": " +
                  ", ".join(f"{k} {v}" for k, v in s["counts"].items() if v))
@@ -58,9 +61,12 @@ def _summary_table(report: dict) -> str:
               help="Certify against stored golden vectors (from `hal conformance export`) instead of the reference.")
 @click.option("--model", "model", metavar="NAME|DIR", help="Model-level conformance: the same prompts on the backend "
               "and on the reference; top-1 agreement and KL of next-token distributions.")
+@click.option("--fallback", type=click.Choice(["error", "reference"]), default="error", show_default=True,
+              help="error: an op the backend lacks or declines is UNSUPPORTED; reference: it runs the CPU "
+              "reference as hal.runtime() would, recorded with path 'fallback'.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.pass_context
-def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir, model, as_json):
+def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir, model, fallback, as_json):
     """Certify a backend: every contract op on every case, compared with the reference.
 
     \b
@@ -74,8 +80,10 @@ def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir,
     Each case runs twice. Statuses: PASS, FAIL (outside the op's budget), ERROR (the backend
     raised), UNSUPPORTED (the backend declares the op or case absent), SKIPPED (backend
     unavailable), NONDETERMINISTIC (the two runs differ bitwise), CORRUPT (a golden file is
-    damaged). Exit code 0 only when nothing FAILed, ERRORed or was CORRUPT; 3 when a named
-    backend is unavailable; 2 for bad options.
+    damaged). Paths: native, emulated, fallback (--fallback reference: the CPU reference ran
+    it), absent. Exit code 0 only when nothing FAILed, ERRORed or was CORRUPT (and every
+    --model passed); 3 when a named backend is unavailable; 2 for bad options; 4 for
+    unreadable golden vectors or an unknown model. Schema and details: docs/conformance.md.
     """
     if ctx.invoked_subcommand is not None:
         return
@@ -131,13 +139,13 @@ def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir,
             fail(f"golden vectors unreadable: {exc}", EXIT_INPUT, as_json=as_json)
         for name in names:
             prog = _Progress(total, f"{name} (golden)", show)
-            runs.append(certify_golden(golden_dir, name, ops=op_list, progress=prog))
+            runs.append(certify_golden(golden_dir, name, ops=op_list, fallback=fallback, progress=prog))
             prog.close()
     else:
         cases = catalog(level, op_list)
         for name in names:
             prog = _Progress(len(cases), name, show)
-            runs.append(certify(name, level=level, seed=seed, cases=cases, progress=prog))
+            runs.append(certify(name, level=level, seed=seed, cases=cases, fallback=fallback, progress=prog))
             prog.close()
     report = reports.build_report(runs, environment=env, kind=kind, level=level, golden_dir=golden_dir, models=models)
     paths = reports.write_reports(report, report_dir, fmts) if report_dir else {}
@@ -170,11 +178,21 @@ def export(out_dir, level, ops, seed, as_json):
     Then the exported ONNX models run on onnxruntime (CPU) and are compared with the reference:
     an independent check of the reference itself; exit 1 if it disagrees.
     """
+    import hal
+    from hal.conformance.cases import catalog
     from hal.conformance.golden import export as do_export
-    from hal.conformance.onnx_check import check_reference
-    manifest = do_export(out_dir, level=level, ops=_split(ops), seed=seed)
-    check = [r for r in check_reference(level, seed) if not ops or r["op"] in _split(ops)]
-    failed = [r for r in check if r["status"] in ("FAIL", "ERROR")]
+    from hal.conformance.onnx_check import check_exported
+    op_list = _split(ops)
+    unknown = [o for o in op_list or [] if o not in hal.CONTRACT]
+    if unknown:
+        raise click.BadParameter(f"unknown op(s) {', '.join(unknown)}", param_hint="--ops")
+    prog = _Progress(len(catalog(level, op_list)), "export", not as_json and sys.stderr.isatty())
+    try:
+        manifest = do_export(out_dir, level=level, ops=op_list, seed=seed, progress=prog)
+    finally:
+        prog.close()
+    check = check_exported(out_dir, op_list)
+    failed = [r for r in check if r["status"] in ("FAIL", "ERROR", "CORRUPT")]
     if as_json:
         emit_json({"out": out_dir, "cases": len(manifest["cases"]), "manifest": manifest, "onnxruntime_check": check})
     else:

@@ -30,10 +30,12 @@ def _parse_ids(text: str) -> list[list[int]]:
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--quantize", type=click.Choice(["fp8"]), default=None, help="Quantize weights to 128x128 block FP8 on load.")
+@click.option("--mla-form", type=click.Choice(["auto", "absorbed", "expanded"]), default="auto", show_default=True,
+              help="MLA models: auto = expanded prefill + absorbed decode; absorbed / expanded force one form.")
 @click.option("--logits-out", type=click.Path(dir_okay=False), help="Write the prompt's prefill logits [B, S, vocab] (.npy).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def run(backend, model_name, prompts, prompt_ids, max_new_tokens, temperature, top_p, seed, dtype, quantize, logits_out,
-        as_json):
+def run(backend, model_name, prompts, prompt_ids, max_new_tokens, temperature, top_p, seed, dtype, quantize, mla_form,
+        logits_out, as_json):
     """Generate tokens with a model on a backend; print them, the speed and the runtime plan.
 
     \b
@@ -52,7 +54,8 @@ def run(backend, model_name, prompts, prompt_ids, max_new_tokens, temperature, t
     import hal
     import hal.models as M
     try:
-        model = M.load(model_name, backend, dtype=dtype, quantize=quantize, show_progress=not as_json)
+        model = M.load(model_name, backend, dtype=dtype, quantize=quantize, show_progress=not as_json,
+                       mla_form=mla_form)
     except hal.BackendUnavailable as exc:
         fail(str(exc), EXIT_BACKEND, as_json=as_json, backend=exc.backend, status=exc.status, reason=exc.reason)
     except (M.CheckpointError, M.ModelConfigError, FileNotFoundError) as exc:
@@ -76,7 +79,7 @@ def run(backend, model_name, prompts, prompt_ids, max_new_tokens, temperature, t
     texts = [model.tokenizer.decode(t) for t in res.tokens] if model.tokenizer is not None else None
     rt = model.rt
     out = {"model": model.source, "model_type": model.config.model_type, "backend": rt.backend_name, "label": rt.label,
-           "dtype": dtype, "quantize": quantize, "prompts": res.prompts, "tokens": res.tokens, "text": texts,
+           "dtype": dtype, "quantize": quantize, "mla_form": mla_form, "prompts": res.prompts, "tokens": res.tokens, "text": texts,
            "prefill_tokens_per_s": res.prefill_tokens_per_s, "decode_tokens_per_s": res.decode_tokens_per_s,
            "prefill_s": res.prefill_s, "decode_s": res.decode_s, "plan": rt.plan_dict(), "logits_out": logits_out}
     if as_json:

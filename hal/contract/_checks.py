@@ -71,9 +71,21 @@ def boolean(op: str, arg: str, v) -> None:
 
 def finite_positive_scales(op: str, arg: str, s: torch.Tensor) -> None:
     """Block scales must be finite and > 0 (a data check: CPU or checked mode only)."""
-    if s.numel() and not bool(torch.isfinite(s).all() and (s > 0).all()):
+    if not s.numel():
+        return
+    lo, hi = torch.aminmax(s)
+    if not (0 < lo.item() and hi.item() < float("inf")):            # a NaN fails both comparisons
         bad = s[~(torch.isfinite(s) & (s > 0))].flatten()[:3].tolist()
         raise ContractError(op, arg, "finite positive scales", f"values such as {bad}")
+
+
+def value_range(op: str, arg: str, t: torch.Tensor, lo: int, hi: int, what: str) -> None:
+    """Integer data check: every value of ``t`` in [lo, hi] (``what`` says so in the message)."""
+    if not t.numel():
+        return
+    mn, mx = (v.item() for v in torch.aminmax(t))
+    if mn < lo or mx > hi:
+        raise ContractError(op, arg, what, f"a value {mn if mn < lo else mx}")
 
 
 def ceil_div(a: int, b: int) -> int:

@@ -29,8 +29,9 @@ def lightning_indexer(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, *
     (default ``k_lengths[b] - S``: the queries are the last S positions of each sequence, the rule
     torch_npu calls sparse_mode 3 "rightDownCausal").
     Returns int32 [B, S, top_k]: the visible keys with the highest scores, descending, ties toward
-    the lower index (a NaN score ranks below every number); when fewer than top_k keys are
-    visible the tail is -1 (valid entries first). top_k may exceed L.
+    the lower index (a NaN score ranks below every number, -inf included, but its key stays
+    visible and selectable); when fewer than top_k keys are visible the tail is -1 (valid entries
+    first). top_k may exceed L.
     """
     op = "lightning_indexer"
     c.tensor(op, "q", q, ndim=4, dtypes=INDEXER_DTYPES, dims="[B, S, Hi, D]")
@@ -43,15 +44,10 @@ def lightning_indexer(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, *
     c.shape(op, "weights", weights, (B, S, Hi), "[B, S, Hi]")
     c.integer(op, "top_k", top_k, lo=1)
     c.boolean(op, "causal", causal)
-    c.same_device(op, "q", q, k=k, weights=weights, q_offset=q_offset, k_lengths=k_lengths, q_scale=q_scale, k_scale=k_scale)
     for name, t in (("q_offset", q_offset), ("k_lengths", k_lengths)):
         if t is not None:
             c.tensor(op, name, t, ndim=1, dtypes=c.INT_DTYPES, dims="[B]")
             c.shape(op, name, t, (B,), "[B]")
-    if k_lengths is not None and k_lengths.numel() and data_checks(k_lengths):
-        lo, hi = int(k_lengths.min()), int(k_lengths.max())
-        if lo < 0 or hi > L:
-            raise ContractError(op, "k_lengths", f"values in [0, L={L}]", f"a value {lo if lo < 0 else hi}")
     fp8 = q.dtype == torch.float8_e4m3fn
     for name, t, shp, dims in (("q_scale", q_scale, (B, S, Hi), "[B, S, Hi]"), ("k_scale", k_scale, (B, L), "[B, L]")):
         if fp8:
@@ -59,10 +55,14 @@ def lightning_indexer(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, *
                 raise ContractError(op, name, f"fp32 scales {dims} (float8 q/k need them)", None)
             c.tensor(op, name, t, dtypes=(torch.float32,))
             c.shape(op, name, t, shp, dims)
-            if data_checks(t):
-                c.finite_positive_scales(op, name, t)
         elif t is not None:
             raise ContractError(op, name, "None (scales only go with float8_e4m3fn q/k)", "a tensor")
+    c.same_device(op, "q", q, k=k, weights=weights, q_offset=q_offset, k_lengths=k_lengths, q_scale=q_scale, k_scale=k_scale)
+    if k_lengths is not None and data_checks(k_lengths):
+        c.value_range(op, "k_lengths", k_lengths, 0, L, f"values in [0, L={L}]")
+    for name, t in (("q_scale", q_scale), ("k_scale", k_scale)):
+        if fp8 and data_checks(t):
+            c.finite_positive_scales(op, name, t)
 
 
 @op_spec(family="dsa", summary="attention of each query over its selected keys only (fp32 softmax, GQA/MQA/MLA, "
@@ -77,7 +77,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     indices [B, S, top_k] int32, -1 = unused slot.
     ``out[b,t,h] = softmax_j(scale * q[b,t,h] . k[b, idx_j, h // (Hq/Hk)]) @ v[b, idx_j, ...]``
     over the valid slots only, softmax in fp32; ``lse`` [B, S, Hq] fp32 natural-log logsumexp of
-    the scaled scores. A query with no valid slot: out = 0, lse = -inf.
+    the scaled scores. Unused (-1) slots contribute nothing, not even a NaN from a key they do not
+    select. A query with no valid slot: out = 0, lse = -inf. L = 0 is legal (every slot -1).
     Returns out [B, S, Hq, Dv] in q's dtype, or (out, lse) when return_lse.
     Errors: indices >= L or < -1 (checked on CPU tensors, and on devices in checked mode);
     duplicate indices within a query are reported in checked mode (``HAL_CHECKED=1``).
@@ -101,9 +102,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     c.boolean(op, "return_lse", return_lse)
     c.same_device(op, "q", q, k=k, v=v, indices=indices)
     if indices.numel() and data_checks(indices):
-        lo, hi = int(indices.min()), int(indices.max())
-        if lo < -1 or hi >= L:
-            raise ContractError(op, "indices", f"values in [0, L={L}) or -1", f"a value {lo if lo < -1 else hi}")
+        c.value_range(op, "indices", indices, -1, L - 1, f"values in [0, L={L}) or -1")
         if checked_mode():
             srt = indices.sort(dim=-1).values
             dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)

@@ -23,12 +23,14 @@ def fp8_quantize(x: torch.Tensor, *, group_size: int = 128, scale_format: str = 
 
     x [..., K] bf16/fp16/fp32. For each group g of ``group_size`` channels along the last dim
     (a last partial group is legal): ``s = amax(|x_g|).clamp_min(1e-4) / 448`` in fp32;
-    ``scale_format="ue8m0"`` rounds s up to a power of two (``2 ** ceil(log2 s)``);
-    ``q = clamp(x_g / s, -448, 448).to(float8_e4m3fn)``.
+    ``scale_format="ue8m0"`` rounds s up to the smallest power of two >= s (``2 ** ceil(log2 s)``
+    evaluated exactly: an fp32 ``log2`` rounds ``log2(2^n * (1 + 2^-23))`` down to n);
+    ``q = clamp(x_g / s, -448, 448).to(float8_e4m3fn)`` (round to nearest even).
     Returns q [..., K] float8_e4m3fn and scale [..., ceil(K / group_size)] fp32.
     NaN in a group makes the whole group NaN (and its scale NaN); an Inf makes its element NaN and
     the group's other elements 0 (scale Inf). Values beyond 448 are fine: the scale covers them
-    and the clamp saturates rounding overshoot (torch's cast alone would turn 465 into NaN).
+    and the clamp saturates rounding overshoot (torch's own cast saturates in some versions and
+    turns 465 into NaN in others: the clamp is what the contract defines).
     """
     op = "fp8_quantize"
     c.tensor(op, "x", x, min_ndim=1, dtypes=c.FLOAT_DTYPES, dims="[..., K]")
@@ -46,7 +48,9 @@ def fp8_quantize_weight(w: torch.Tensor, *, block: int = 128):
     (the checkpoint's ``weight_scale_inv``: dequant = q * scale[n // block, k // block]).
     Per tile: ``s = amax(|w_tile|).clamp_min(1e-4) / 448``, ``q = clamp(w / s, -448, 448)``.
     Partial tiles (N or K not multiples of block, e.g. 576 rows) use the same rule: element (n, k)
-    always belongs to tile (n // block, k // block).
+    always belongs to tile (n // block, k // block). Non-finite values behave as in
+    ``fp8_quantize``, per tile: a NaN makes its tile (and scale) NaN; an Inf makes its element
+    NaN and the tile's other elements 0 (scale Inf).
     """
     op = "fp8_quantize_weight"
     c.tensor(op, "w", w, ndim=2, dtypes=c.FLOAT_DTYPES, dims="[N, K]")

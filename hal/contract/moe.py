@@ -84,11 +84,13 @@ def moe_route(router_logits: torch.Tensor, *, top_k: int, scoring: str = "sigmoi
     sigmoid: ``s = sigmoid(logits)``; softmax: ``s = softmax(logits, -1)``. Selection score
     ``c = s + correction_bias`` (the bias only selects, it never weights). If ``n_group > 1``:
     group score = sum of the top-2 ``c`` in each of the n_group equal groups (the top-1 when a
-    group holds one expert), the ``topk_group`` best groups are kept and the others' experts get
-    -inf. ``ids = topk(c, top_k)``, ordered by descending ``c``, ties toward the lower expert
-    index; ``w = s[ids]``; if renormalize ``w /= w.sum(-1) + 1e-20``; ``w *= scaling_factor``.
-    A NaN selection score ranks below every number (it is picked only when nothing else is left)
-    and its weight carries the NaN.
+    group holds one expert; a NaN counts as -inf there), the ``topk_group`` best groups are kept
+    (ties toward the lower group index) and the other groups' experts are never selected (as if
+    their score were -inf, but below every kept expert). ``ids = topk(c, top_k)`` over the kept
+    experts, ordered by descending ``c``, ties toward the lower expert index; ``w = s[ids]``; if
+    renormalize ``w /= w.sum(-1) + 1e-20``; ``w *= scaling_factor``. A NaN selection score ranks
+    below every number, -inf included (it is picked only when no kept expert with a number is
+    left), and its weight carries the NaN (with renormalize, the whole row's weights).
     Returns ``(weights [T, k] fp32, expert_ids [T, k] int32)``.
     Errors: top_k < 1 or > the experts in the kept groups, n_group not dividing E, topk_group
     outside [1, n_group], bias of the wrong shape.
@@ -119,11 +121,8 @@ def moe_dispatch(hidden: torch.Tensor, expert_ids: torch.Tensor, num_experts: in
     c.same_device(op, "hidden", hidden, expert_ids=expert_ids)
     c.integer(op, "num_experts", num_experts, lo=1)
     c.integer(op, "align", align, lo=1)
-    if expert_ids.numel() and data_checks(expert_ids):
-        lo, hi = int(expert_ids.min()), int(expert_ids.max())
-        if lo < -1 or hi >= num_experts:
-            bad = lo if lo < -1 else hi
-            raise ContractError(op, "expert_ids", f"values in [0, {num_experts}) or -1", f"a value {bad}")
+    if data_checks(expert_ids):
+        c.value_range(op, "expert_ids", expert_ids, -1, num_experts - 1, f"values in [0, {num_experts}) or -1")
 
 
 def _plan(op: str, plan) -> None:
@@ -135,7 +134,22 @@ def _plan(op: str, plan) -> None:
     c.tensor(op, "plan.offsets", plan.offsets, ndim=1, dtypes=(torch.int32,), dims="[E+1]")
     c.shape(op, "plan.offsets", plan.offsets, (E + 1,), "[E+1]")
     c.tensor(op, "plan.source", plan.source, ndim=1, dtypes=(torch.int64,), dims="[N]")
-    c.shape(op, "plan.source", plan.source, (plan.hidden.shape[0],), "[N] (rows of plan.hidden)")
+    N = plan.hidden.shape[0]
+    c.shape(op, "plan.source", plan.source, (N,), "[N] (rows of plan.hidden)")
+    T = c.integer(op, "plan.num_tokens", plan.num_tokens, lo=0)
+    k = c.integer(op, "plan.top_k", plan.top_k, lo=0)
+    c.integer(op, "plan.align", plan.align, lo=1)
+    c.same_device(op, "plan.hidden", plan.hidden, **{"plan.tokens_per_expert": plan.tokens_per_expert,
+                                                     "plan.offsets": plan.offsets, "plan.source": plan.source})
+    if data_checks(plan.offsets):
+        # a plan is bookkeeping the kernels trust: segment bounds and sources must be consistent
+        starts, counts = plan.offsets.tolist(), plan.tokens_per_expert.tolist()
+        if min(counts, default=0) < 0:
+            raise ContractError(op, "plan.tokens_per_expert", "counts >= 0", f"a count {min(counts)}")
+        if starts[0] != 0 or starts[-1] != N or any(n > b - a for a, b, n in zip(starts, starts[1:], counts)):
+            raise ContractError(op, "plan.offsets", f"segment starts from 0 to N={N}, each segment holding its "
+                                "tokens_per_expert rows (as moe_dispatch makes them)", starts[:9])
+        c.value_range(op, "plan.source", plan.source, -1, T * k - 1, f"values in [0, T*k={T * k}) or -1")
 
 
 def _experts_weights(op, E, H, ref_name, ref, w_gate_up, w_down, activation, w_gate_up_scale, w_down_scale):

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
+from hal import atomic
 from hal.contract import CONTRACT, CONTRACT_VERSION, DispatchPlan
 from hal.conformance import tensorproto
 from hal.conformance.cases import catalog
@@ -87,7 +88,6 @@ def export(out_dir, *, level: str = "quick", ops=None, seed: int = 0,
     import shutil
 
     from hal.conformance import onnx_check
-    from hal.conformance.reports import atomic_write, atomic_write_bytes
     out = Path(out_dir)
     # an interrupted export must not leave an older manifest describing newer files
     (out / MANIFEST).unlink(missing_ok=True)
@@ -108,7 +108,8 @@ def export(out_dir, *, level: str = "quick", ops=None, seed: int = 0,
                 tensorproto.save(t, data / f"{prefix}_{i}.pb", f"{prefix}_{i}")
         model = onnx_check.build_model(case.op, args, kwargs)
         if model is not None:
-            atomic_write_bytes(out / case.op / case.name / "model.onnx", model.SerializeToString(), durable=False)
+            atomic.write_bytes(out / case.op / case.name / "model.onnx", model.SerializeToString(), durable=False,
+                               parents=True)
         for f in sorted((out / case.op / case.name).rglob("*")):
             if f.is_file():
                 files[str(f.relative_to(out))] = _sha(f)
@@ -121,7 +122,7 @@ def export(out_dir, *, level: str = "quick", ops=None, seed: int = 0,
             progress(case.id)
     manifest = {"golden_version": GOLDEN_VERSION, "contract_version": CONTRACT_VERSION, "level": level,
                 "seed": seed, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cases": entries}
-    atomic_write(out / MANIFEST, json.dumps(manifest, indent=2))
+    atomic.write_text(out / MANIFEST, json.dumps(manifest, indent=2), parents=True)   # durable, written last
     return manifest
 
 

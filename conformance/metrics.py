@@ -71,6 +71,26 @@ def nonfinite_mismatch(x: torch.Tensor, truth: torch.Tensor) -> Optional[str]:
     return None
 
 
+def check_output_layout(expected: list, got: list) -> Optional[OutputCheck]:
+    """The contract's output layout before any numbers: ``expected`` is
+    ``CONTRACT[op].expected_outputs(...)`` (``[(name, shape, dtype)]``, ``None`` in a shape for
+    a data-dependent extent), ``got`` the backend's flattened outputs. None when the count, every
+    shape and every dtype match; else a failed check naming the first output that does not
+    (expected vs got)."""
+    if len(got) != len(expected):
+        return OutputCheck("outputs", "layout", False, f"expected {len(expected)} output(s) "
+                           f"({', '.join(n for n, _, _ in expected)}), got {len(got)}")
+    for (name, shape, dtype), g in zip(expected, got):
+        if not isinstance(g, torch.Tensor):
+            return OutputCheck(name, "layout", False, f"expected a tensor, got {type(g).__name__}")
+        fits = len(g.shape) == len(shape) and all(w is None or w == x for w, x in zip(shape, g.shape))
+        if not fits or g.dtype != dtype:
+            want = "(" + ", ".join("N" if w is None else str(w) for w in shape) + ("," if len(shape) == 1 else "") + ")"
+            return OutputCheck(name, "layout", False, f"expected shape {want} {str(dtype)[6:]}, "
+                               f"got shape {tuple(g.shape)} {str(g.dtype)[6:]}")
+    return None
+
+
 def check_float(name: str, got: torch.Tensor, truth: torch.Tensor, ref: torch.Tensor, budget: FloatBudget) -> OutputCheck:
     """A float output against the float64 truth, budgeted by the reference's own error."""
     if tuple(got.shape) != tuple(truth.shape):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 import traceback
 import warnings
@@ -10,7 +11,7 @@ from typing import Callable, Optional
 import torch
 
 from hal.contract import CONTRACT, DispatchPlan
-from hal.conformance import metrics, scores
+from hal.conformance import metrics
 from hal.conformance.cases import Case, catalog
 from hal.errors import UnsupportedCase
 
@@ -68,10 +69,11 @@ def identical(a: list, b: list) -> bool:
     return len(a) == len(b) and all(x.shape == y.shape and torch.equal(_bits(x), _bits(y)) for x, y in zip(a, b))
 
 
-def _align_route_weights(got_w, got_ids, ref_ids):
-    """Reorder a backend's route weights to the reference's expert order where a row picked the
-    same experts in another order (near-tie swaps), so the weights compare element by element."""
-    if got_ids.shape != ref_ids.shape or got_ids.numel() == 0:
+def _align_paired(got_w, got_ids, ref_ids):
+    """Reorder an output that follows a selection's slots (route weights follow expert ids) to the
+    reference's order where a row picked the same entries in another order (near-tie swaps), so
+    it compares element by element."""
+    if got_ids.shape != ref_ids.shape or got_ids.numel() == 0 or got_w.shape != got_ids.shape:
         return got_w
     same = torch.equal(got_ids.sort(-1).values, ref_ids.sort(-1).values)
     if not same or torch.equal(got_ids, ref_ids):
@@ -83,15 +85,16 @@ def _align_route_weights(got_w, got_ids, ref_ids):
 def judge(op: str, args: tuple, kwargs: dict, got: list, truth: list, ref: list) -> list[metrics.OutputCheck]:
     """Compare a backend's outputs with the float64 truth and the working-precision reference."""
     spec = CONTRACT[op]
-    checks = []
-    selection_scores = None
-    if op == "moe_route":
-        selection_scores = scores.route_scores(*args, **kwargs)
-        got = [_align_route_weights(got[0], got[1], ref[1]), got[1]]
-    elif op == "lightning_indexer":
-        selection_scores = scores.indexer_scores(*args, **kwargs)
     if len(got) != len(ref):
         return [metrics.OutputCheck("outputs", "count", False, f"{len(got)} outputs, expected {len(ref)}")]
+    names = list(spec.outputs)[:len(got)]
+    score_fn = spec.selection_score_fn()
+    selection_scores = score_fn(*args, **kwargs) if score_fn is not None else None
+    got = list(got)
+    for out_name, sel_name in spec.paired.items():
+        i, j = names.index(out_name), names.index(sel_name)
+        got[i] = _align_paired(got[i], got[j], ref[j])
+    checks = []
     for (name, budget), g, t, r in zip(spec.outputs.items(), got, truth, ref):
         kind = metrics.budget_kind(budget)
         if kind == "exact":
@@ -123,14 +126,14 @@ class BoundBackend:
     does not implement has path ``absent`` and its cases are UNSUPPORTED, and a per-call refusal
     of its capability's ``supports()`` surfaces as :class:`hal.UnsupportedCase` -> UNSUPPORTED.
     (``hal.runtime(name, fallback="error")`` itself refuses to bind a backend that lacks any op,
-    so strict mode binds op by op with the same :func:`hal.runtime.make_bound_op`.)
+    so strict mode binds op by op with the same :func:`hal.binding.make_bound_op`.)
     ``fallback="reference"``: the ops are those of ``hal.runtime(name, fallback="reference")``,
     exactly what an application gets: a missing op runs the CPU reference (path ``fallback``)
     and a refused call does too; each such case is recorded with path ``fallback``.
     """
 
     def __init__(self, record, fallback: str = "error"):
-        from hal.runtime import make_bound_op
+        from hal.binding import make_bound_op
         if fallback not in FALLBACKS:
             raise ValueError(f"fallback must be one of {FALLBACKS}, got {fallback!r}")
         self.record, self.fallback = record, fallback
@@ -139,7 +142,7 @@ class BoundBackend:
         self.device = torch.device(backend.device_type)
         self.ops, self.paths, self.notes, self.entries = {}, {}, {}, {}
         if fallback == "reference":
-            from hal.runtime import Runtime
+            from hal.binding import Runtime
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", RuntimeWarning)       # the plan records it instead
                 rt = Runtime(record, fallback="reference")
@@ -192,17 +195,42 @@ def run_case(bound: BoundBackend, case: Case, seed: int) -> CaseResult:
 
 def run_and_judge(bound: BoundBackend, op: str, args, kwargs, truth, ref, res: CaseResult) -> None:
     """Run ``op`` twice on the backend and set ``res``: PASS / FAIL / NONDETERMINISTIC /
-    UNSUPPORTED / ERROR, with the per-output checks."""
+    UNSUPPORTED / ERROR, with the per-output checks.
+
+    Before any numeric comparison, each call is held to two guards (either one is a FAIL):
+    it must leave every input as it found it (:func:`input_digests` before and after the call,
+    bitwise, DispatchPlan fields included), and its outputs must have the count, shapes and
+    dtypes ``CONTRACT[op].expected_outputs`` states (:func:`metrics.check_output_layout`)."""
     fn = bound.ops[op]
     runs = []
     refused_before = bound.fallback_calls(op)
+    try:
+        expected = CONTRACT[op].expected_outputs(*args, **kwargs)
+    except Exception as exc:  # noqa: BLE001 - the contract's own meta failing is reported, not hidden
+        res.status, res.traceback = "ERROR", traceback.format_exc()
+        res.reason = f"the contract's expected outputs failed: {type(exc).__name__}: {exc}"
+        return
     try:
         with warnings.catch_warnings():
             # a per-call fallback is recorded as this case's path instead of warned about
             warnings.filterwarnings("ignore", message="hal: .* fell back to the CPU reference", category=RuntimeWarning)
             for _ in range(2):
-                out = fn(*to_device(args, bound.device), **{k: to_device(v, bound.device) for k, v in kwargs.items()})
-                runs.append([t.detach().cpu() for t in flatten_outputs(out)])
+                dev_args = to_device(args, bound.device)
+                dev_kwargs = {k: to_device(v, bound.device) for k, v in kwargs.items()}
+                before = input_digests(op, dev_args, dev_kwargs)
+                out = fn(*dev_args, **dev_kwargs)
+                mutated = [name for name, d in input_digests(op, dev_args, dev_kwargs).items() if before.get(name) != d]
+                if mutated:
+                    res.status = "FAIL"
+                    res.reason = "mutated input " + ", ".join(mutated) + " (the kernel must leave its inputs unchanged)"
+                    res.outputs = [metrics.OutputCheck(name, "input", False, "mutated by the kernel") for name in mutated]
+                    return
+                flat = flatten_outputs(out)
+                layout = metrics.check_output_layout(expected, flat)
+                if layout is not None:
+                    res.status, res.reason, res.outputs = "FAIL", f"{layout.name}: {layout.message}", [layout]
+                    return
+                runs.append([t.detach().cpu() for t in flat])
     except UnsupportedCase as exc:
         res.status, res.reason = "UNSUPPORTED", exc.reason
         return
@@ -221,6 +249,30 @@ def run_and_judge(bound: BoundBackend, op: str, args, kwargs, truth, ref, res: C
         res.status, res.reason = "NONDETERMINISTIC", "two runs on the same inputs differ bitwise"
     elif res.path == "fallback" and not res.reason:
         res.reason = bound.notes[op]
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and element bytes (bitwise: NaN payloads, -0.0 and
+    float8 codes included), read in logical order on the host."""
+    h = hashlib.sha256(f"{t.dtype}{tuple(t.shape)}".encode())
+    if t.numel():
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def input_digests(op: str, args: tuple, kwargs: dict) -> dict[str, str]:
+    """Argument name -> digest of every tensor argument of a call (a DispatchPlan as its tensors
+    ``plan.hidden`` ... and its integer fields), for checking that a kernel left them alone."""
+    bound = CONTRACT[op].signature.bind(*args, **kwargs)
+    out = {}
+    for name, value in bound.arguments.items():
+        if isinstance(value, torch.Tensor):
+            out[name] = tensor_digest(value)
+        elif isinstance(value, DispatchPlan):
+            for field in dataclasses.fields(value):
+                v = getattr(value, field.name)
+                out[f"{name}.{field.name}"] = tensor_digest(v) if isinstance(v, torch.Tensor) else repr(v)
+    return out
 
 
 @dataclasses.dataclass

@@ -1,7 +1,8 @@
 """Selection scores for index outputs, computed in float64 from the op's inputs.
 
 Written independently of the reference kernels (the check must not trust what it checks):
-``moe_route``'s selection score ``c = act(logits) + bias`` with dropped groups unselectable, and
+``moe_route``'s selection score ``c = act(logits) + bias`` with dropped groups unselectable (a
+group scores its best ``c`` without a bias, its best two summed with one), and
 ``lightning_indexer``'s ``sum_h w * relu(q . k)`` with invisible keys unselectable.
 
 Scores are returned as *rank values* (:func:`rank_values`): the contract ranks a NaN below every
@@ -30,7 +31,9 @@ def route_scores(router_logits, *, top_k, scoring="sigmoid", correction_bias=Non
     if n_group > 1:
         per = E // n_group
         grouped = c.view(T, n_group, per)
-        gscore = grouped.sort(dim=-1, descending=True).values[..., :min(2, per)].sum(-1)
+        # a group's score: its best expert without a bias, the sum of its best two with one
+        best = 1 if correction_bias is None else min(2, per)
+        gscore = grouped.sort(dim=-1, descending=True).values[..., :best].sum(-1)
         order = torch.sort(gscore, dim=-1, descending=True, stable=True).indices[:, :topk_group]
         keep = torch.zeros(T, n_group, dtype=torch.bool).scatter_(1, order, True)
         selectable = keep.repeat_interleave(per, dim=1)

@@ -116,6 +116,15 @@ class Backend:
         k = self._kernels() if callable(self._kernels) else self._kernels
         return dict(k or {})
 
+    def prepare_weights(self, op: str, weights: dict) -> dict:
+        """Optional: lay out ``op``'s weights once, at load (called through
+        ``Runtime.prepare_weights``, which models call after loading). ``weights`` maps the op's
+        parameter names (e.g. ``w_gate_up``, ``w_down``, ``w_gate_up_scale``) to tensors in the
+        contract's layout; return the same names mapped to tensors equal in shape, dtype, device
+        and value (only strides or storage format may differ: a transposed storage viewed back to
+        the contract's shape, an NPU format). The default returns them unchanged."""
+        return weights
+
     def benchmarks(self) -> list:
         """Optional: benchmarks for ``hal bench --backend NAME`` (see :mod:`hal.bench`)."""
         return []

@@ -11,6 +11,8 @@ import importlib
 
 import click
 
+from hal._version import CONTRACT_VERSION, __version__
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_BACKEND, EXIT_INPUT = 0, 1, 2, 3, 4
 
 # command name -> "module:attribute"; loaded only when the command runs (or for --help listings)
@@ -24,9 +26,24 @@ COMMANDS = {
 }
 
 
+# the one-line help `hal --help` lists, so that listing imports no command (nor torch)
+SHORT_HELP = {
+    "backends": "Every backend plugin: status, reason, device, versions, native/emulated ops.",
+    "ops": "The operator contract: every op, its signature and one-line semantics.",
+    "doctor": "Versions, HAL_* variables, every backend's status and what auto picks.",
+    "run": "Generate tokens with a model on a backend (default: tiny-glm5 on the best).",
+    "conformance": "Certify a backend against the reference (reports, golden vectors, models).",
+    "bench": "Benchmarks: HAL's per-call overhead, a backend's kernels against baselines.",
+}
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx):
         return list(COMMANDS)
+
+    def format_commands(self, ctx, formatter):
+        with formatter.section("Commands"):
+            formatter.write_dl([(name, SHORT_HELP.get(name, "")) for name in COMMANDS])
 
     def get_command(self, ctx, name):
         target = COMMANDS.get(name)
@@ -37,8 +54,7 @@ class LazyGroup(click.Group):
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="hal", prog_name="hal", message="%(prog)s %(version)s (contract "
-                      + __import__("hal").CONTRACT_VERSION + ")")
+@click.version_option(version=__version__, prog_name="hal", message=f"%(prog)s %(version)s (contract {CONTRACT_VERSION})")
 def cli():
     """HAL: one operator contract for MoE LLM inference, many backends.
 
@@ -55,8 +71,9 @@ def cli():
     """
 
 
-def main() -> None:
-    cli(prog_name="hal")
+def main(args=None, **extra) -> None:
+    """The ``hal`` console script (``args``: the command line, default sys.argv[1:])."""
+    cli(args=args, prog_name="hal", **extra)
 
 
 if __name__ == "__main__":

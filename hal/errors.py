@@ -34,3 +34,13 @@ class UnsupportedCase(RuntimeError):
     def __init__(self, op: str, backend: str, reason: str):
         self.op, self.backend, self.reason = op, backend, reason
         super().__init__(f"{op}: backend {backend!r} does not support this call: {reason}")
+
+
+class KernelOutputError(RuntimeError):
+    """A backend kernel returned outputs the contract rules out (checked mode compares every
+    output's shape and dtype with the op's ``meta``). Names the op, the backend, the output,
+    what was expected and what came."""
+
+    def __init__(self, op: str, backend: str, output: str, expected: object, got: object):
+        self.op, self.backend, self.output, self.expected, self.got = op, backend, output, expected, got
+        super().__init__(f"{op}: backend {backend!r} returned {output}: expected {expected}, got {got}")

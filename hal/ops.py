@@ -13,8 +13,9 @@ import warnings
 
 import torch
 
-from hal.contract import CONTRACT
+from hal.contract import CONTRACT, on_add_op
 from hal.errors import BackendUnavailable
+from hal.registry import on_reset
 
 _runtimes: dict = {}
 _lock = threading.Lock()
@@ -26,7 +27,7 @@ def runtime_for(device_type: str):
     if rt is not None:
         return rt
     from hal.registry import get_registry
-    from hal.runtime import Runtime
+    from hal.binding import Runtime
     with _lock:
         if device_type in _runtimes:
             return _runtimes[device_type]
@@ -78,5 +79,15 @@ def _make(name: str):
 
 for _name in CONTRACT:
     globals()[_name] = _make(_name)
+
+
+def _on_add(spec) -> None:
+    globals()[spec.name] = _make(spec.name)
+    __all__.append(spec.name)
+    _reset()                      # runtimes bound before the op existed lack it
+
+
+on_add_op(_on_add)
+on_reset(_reset)
 
 __all__ = ["runtime_for", *CONTRACT]

@@ -18,42 +18,8 @@ from hal.contract import CONTRACT
 
 
 def tiny_args(op: str) -> tuple[tuple, dict]:
-    """Small valid CPU arguments for ``op`` (fixed seed, never zeros)."""
-    g = torch.Generator().manual_seed(0)
-
-    def rnd(*shape, dtype=torch.float32):
-        return torch.randn(*shape, generator=g).to(dtype)
-
-    from hal.backends.cpu import KERNELS
-    T, E, H, I, k = 4, 8, 16, 8, 2
-    if op == "moe_route":
-        return (rnd(T, E),), {"top_k": k}
-    if op == "moe_dispatch":
-        return (rnd(T, H), torch.randint(0, E, (T, k), generator=g, dtype=torch.int32), E), {}
-    if op in ("moe_experts", "moe_combine"):
-        w, ids = KERNELS["moe_route"](rnd(T, E), top_k=k)
-        plan = KERNELS["moe_dispatch"](rnd(T, H), ids, E)
-        if op == "moe_experts":
-            return (plan, rnd(E, 2 * I, H), rnd(E, H, I)), {}
-        return (rnd(T * k, H), plan, w), {}
-    if op == "moe_forward":
-        return (rnd(T, H), rnd(T, E), rnd(E, 2 * I, H), rnd(E, H, I)), {"top_k": k}
-    if op == "lightning_indexer":
-        return (rnd(1, 4, 2, 16), rnd(1, 8, 16), rnd(1, 4, 2)), {"top_k": 4}
-    if op == "sparse_attention":
-        return (rnd(1, 2, 2, 16), rnd(1, 8, 1, 16), rnd(1, 8, 1, 16),
-                torch.tensor([[[0, 1, -1], [2, 3, 4]]], dtype=torch.int32)), {"scale": 0.25}
-    if op == "fp8_quantize":
-        return (rnd(4, 128),), {}
-    if op == "fp8_quantize_weight":
-        return (rnd(128, 128),), {}
-    if op in ("fp8_gemm", "fp8_linear"):
-        a, a_s = KERNELS["fp8_quantize"](rnd(4, 128))
-        b, b_s = KERNELS["fp8_quantize_weight"](rnd(16, 128))
-        if op == "fp8_gemm":
-            return (a, a_s, b, b_s), {}
-        return (rnd(4, 128), b, b_s), {}
-    raise KeyError(op)
+    """Small valid CPU arguments for ``op``: the contract's own sample (fixed seed, never zeros)."""
+    return CONTRACT[op].sample(torch.Generator().manual_seed(0))
 
 
 def _per_call_us(fn: Callable[[], object], number: int) -> float:

@@ -34,6 +34,8 @@ def load(name_or_path, backend="auto", *, dtype=torch.float32, quantize=None, ru
     does) and decode steps in the absorbed form (MQA over the latent cache); "absorbed" /
     "expanded" force one form, e.g. "absorbed" for a backend whose sparse attention takes the MLA
     576/512 shape but not the expanded head dims.
+    Built-in models come with the small byte-level BPE of ``hal.models.tokenizer_builtin`` (when the
+    ``tokenizers`` package is installed); a folder's own ``tokenizer.json`` is used when present.
     Raises CheckpointError / ModelConfigError naming the file or tensor, hal.BackendUnavailable.
     """
     import hal
@@ -47,6 +49,8 @@ def load(name_or_path, backend="auto", *, dtype=torch.float32, quantize=None, ru
         model = build_model(cfg, TensorSource.from_dict(random_weights(str(name_or_path)), str(name_or_path)), rt,
                             dtype=dtype, quantize=quantize)
         model.source = str(name_or_path)
+        from hal.models.tokenizer_builtin import builtin_tokenizer
+        model.tokenizer = builtin_tokenizer()
     else:
         model = load_directory(name_or_path, rt, dtype=dtype, quantize=quantize, show_progress=show_progress)
     model.mla_form = mla_form

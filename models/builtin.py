@@ -35,8 +35,9 @@ CONFIGS = {
 DEFAULT_PROMPT_IDS = [1, 17, 42, 99, 5, 230, 311, 64, 77, 128, 9, 400, 33, 250, 18, 71, 150, 260, 3, 88]
 
 
-def _shapes(cfg) -> dict[str, tuple]:
-    """Every tensor name -> shape of a checkpoint of this config (the published layout)."""
+def checkpoint_shapes(cfg: dict) -> dict[str, tuple]:
+    """Every tensor name -> shape of a checkpoint of config dict ``cfg`` (the published layout:
+    per-expert weights, no FP8)."""
     from hal.models.config import ModelConfig
     c = ModelConfig.from_dict(cfg)
     H = c.hidden_size
@@ -83,15 +84,20 @@ def _shapes(cfg) -> dict[str, tuple]:
     return out
 
 
-def random_weights(name: str) -> dict[str, torch.Tensor]:
-    """Deterministic weights for a built-in config (seeded by the model name)."""
-    cfg = CONFIGS[name]
-    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") & (2**63 - 1)
+def random_checkpoint(cfg: dict, seed: int) -> dict[str, torch.Tensor]:
+    """Float32 weights for any config dict (tensor name -> tensor, the published layout): norms 1,
+    everything else normal with std 0.02 from ``seed``."""
     g = torch.Generator().manual_seed(seed)
     out = {}
-    for key, shape in _shapes(cfg).items():
+    for key, shape in checkpoint_shapes(cfg).items():
         if key.endswith("norm.weight"):
             out[key] = torch.ones(shape)
         else:
             out[key] = torch.randn(shape, generator=g) * 0.02
     return out
+
+
+def random_weights(name: str) -> dict[str, torch.Tensor]:
+    """Deterministic weights for a built-in config (seeded by the model name)."""
+    seed = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "little") & (2**63 - 1)
+    return random_checkpoint(CONFIGS[name], seed)

@@ -3,6 +3,7 @@ a Hugging Face ``config.json`` (the field names transformers uses)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Optional
 
 SUPPORTED = {"glm_moe_dsa": "GLM-5 (MLA + DSA with shared indexer layers + MoE)",
@@ -67,9 +68,16 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "ModelConfig":
-        """Read a config.json dict; fields it omits take transformers' defaults for its model_type."""
+        """Read a config.json dict; fields it omits take transformers' defaults for its model_type.
+
+        Every field this package reads is checked for type and range before anything is sized by
+        it (see ``SIZE_LIMITS``), and the combinations the contract ops would refuse at run time
+        (top-k above the experts, n_group not dividing them, index_topk < 1, ...) are refused
+        here, each naming the field: :class:`ModelConfigError`."""
+        if not isinstance(d, dict):
+            raise ModelConfigError(f"expected a JSON object of fields, got a JSON {_json_kind(d)}")
         mt = d.get("model_type")
-        if mt not in SUPPORTED:
+        if not isinstance(mt, str) or mt not in SUPPORTED:
             raise ModelConfigError(f"unsupported model_type {mt!r}; supported: " +
                                    ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items()))
         d = {**FAMILY_DEFAULTS[mt], **{k: v for k, v in d.items() if v is not None or k in ("q_lora_rank", "eos_token_id")}}
@@ -77,6 +85,7 @@ class ModelConfig:
             d["n_routed_experts"] = d["num_experts"]
         if d.get("hidden_act", "silu") != "silu":
             raise ModelConfigError(f"hidden_act {d['hidden_act']!r} is not implemented (the released models use silu)")
+        check_fields(d, mt)
         rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
         rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
         if rope_type not in ("default", "yarn"):
@@ -121,6 +130,15 @@ class ModelConfig:
         if kw["n_routed_experts"] % kw["n_group"] or kw["topk_group"] > kw["n_group"]:
             raise ModelConfigError(f"n_group={kw['n_group']} must divide n_routed_experts={kw['n_routed_experts']} "
                                    f"and topk_group={kw['topk_group']} must not exceed it")
+        kept = kw["topk_group"] * (kw["n_routed_experts"] // kw["n_group"])
+        if kw["num_experts_per_tok"] > kept:
+            raise ModelConfigError(f"num_experts_per_tok: expected at most {kept} (the experts in topk_group="
+                                   f"{kw['topk_group']} of n_group={kw['n_group']} groups of n_routed_experts="
+                                   f"{kw['n_routed_experts']}), got {kw['num_experts_per_tok']}")
+        _check_rope(kw, rope)
+        if mt == "glm4_moe" and kw["num_attention_heads"] % kw["num_key_value_heads"]:
+            raise ModelConfigError(f"num_key_value_heads: expected a divisor of num_attention_heads="
+                                   f"{kw['num_attention_heads']}, got {kw['num_key_value_heads']}")
         if mt in ("glm_moe_dsa", "deepseek_v32"):
             if kw["q_lora_rank"] is None:
                 raise ModelConfigError("MLA without q_lora_rank is not supported (no released DSA model uses it)")
@@ -129,6 +147,129 @@ class ModelConfig:
             if kw["indexer_types"][0] != "full":
                 raise ModelConfigError("indexer_types[0] must be 'full': a shared layer reuses an earlier full one")
         return cls(**kw)
+
+
+# Upper bounds on the sizes a config.json may ask for, checked before anything is sized by them.
+# Each admits the released GLM-5, DeepSeek-V3.2, GLM-4.5 and Kimi-K2 configs with a wide margin
+# (largest released value in the comment).
+SIZE_LIMITS = {
+    "vocab_size": 1 << 20,                 # Kimi-K2 163,840; GLM-5 154,880
+    "hidden_size": 1 << 16,                # DeepSeek-V3.2 / Kimi-K2 7,168
+    "intermediate_size": 1 << 18,          # DeepSeek-V3.2 18,432
+    "moe_intermediate_size": 1 << 16,      # 2,048
+    "num_hidden_layers": 1024,             # GLM-4.5 92
+    "num_attention_heads": 1024,           # DeepSeek-V3.2 128
+    "num_key_value_heads": 1024,
+    "n_routed_experts": 4096,              # Kimi-K2 384
+    "num_experts_per_tok": 4096,           # 8
+    "n_shared_experts": 64,                # 1
+    "n_group": 4096,
+    "topk_group": 4096,
+    "first_k_dense_replace": 1024,
+    "max_position_embeddings": 1 << 24,    # GLM-5 202,752
+    "q_lora_rank": 1 << 16,                # GLM-5 2,048
+    "kv_lora_rank": 1 << 16,               # 512
+    "qk_rope_head_dim": 4096,              # 64
+    "qk_nope_head_dim": 4096,              # GLM-5 192
+    "v_head_dim": 4096,                    # GLM-5 256
+    "head_dim": 4096,                      # GLM-4.5 128
+    "index_topk": 1 << 24,                 # 2,048
+    "index_head_dim": 4096,                # 128
+    "index_n_heads": 1024,                 # DeepSeek-V3.2 64
+    "index_topk_freq": 1024,
+    "index_skip_topk_offset": 1024,
+}
+_ZERO_OK = {"n_shared_experts", "first_k_dense_replace", "index_topk_freq", "index_skip_topk_offset"}
+_GQA_ONLY = {"head_dim"}
+_BOOLEANS = ("norm_topk_prob", "attention_bias", "tie_word_embeddings", "use_qk_norm")
+_MAX_EOS_IDS = 1024
+
+
+def _json_kind(v) -> str:
+    return {dict: "object", list: "list", str: "string", bool: "boolean", int: "integer",
+            float: "number", type(None): "null"}.get(type(v), type(v).__name__)
+
+
+def _integer(name: str, v, lo: int, hi: int) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ModelConfigError(f"{name}: expected an integer in [{lo}, {hi}], got {v!r} (a JSON {_json_kind(v)})")
+    if not lo <= v <= hi:
+        raise ModelConfigError(f"{name}: expected an integer in [{lo}, {hi}] (this package's limit), got {v}")
+    return v
+
+
+def _real(name: str, v, *, positive: bool = False, above: Optional[float] = None,
+          at_most: Optional[float] = None) -> float:
+    """A finite JSON number (bool refused), optionally > 0, > ``above``, <= ``at_most``."""
+    ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+    ok = ok and (not positive or v > 0) and (above is None or v > above) and (at_most is None or v <= at_most)
+    if not ok:
+        want = "a finite number" + (" > 0" if positive else "") + (f" > {above}" if above is not None else "") + \
+            (f" <= {at_most}" if at_most is not None else "")
+        raise ModelConfigError(f"{name}: expected {want}, got {v!r}")
+    return v
+
+
+def check_fields(d: dict, model_type: str) -> None:
+    """Type and range of every field ``from_dict`` reads (absent fields are left to its KeyError),
+    so that nothing is sized by an unchecked number. Raises ModelConfigError naming the field."""
+    for name, hi in SIZE_LIMITS.items():
+        if name in d and d[name] is not None and not (name in _GQA_ONLY and model_type != "glm4_moe"):
+            _integer(name, d[name], 0 if name in _ZERO_OK else 1, hi)
+    for name in _BOOLEANS:
+        if name in d and not isinstance(d[name], bool):
+            raise ModelConfigError(f"{name}: expected true or false, got {d[name]!r}")
+    if "routed_scaling_factor" in d:
+        _real("routed_scaling_factor", d["routed_scaling_factor"])
+    if "rms_norm_eps" in d:
+        _real("rms_norm_eps", d["rms_norm_eps"], positive=True)
+    if "rope_theta" in d:
+        _real("rope_theta", d["rope_theta"], above=1)
+    if "partial_rotary_factor" in d:
+        _real("partial_rotary_factor", d["partial_rotary_factor"], positive=True, at_most=1)
+    for name in ("quantization_config", "rope_parameters", "rope_scaling"):
+        if d.get(name) is not None and not isinstance(d[name], dict):
+            raise ModelConfigError(f"{name}: expected a JSON object, got {d[name]!r} (a JSON {_json_kind(d[name])})")
+    L = d.get("num_hidden_layers")
+    for name in ("mlp_layer_types", "indexer_types", "index_topk_pattern"):
+        v = d.get(name)
+        if v is None or L is None:
+            continue
+        if not isinstance(v, (list, str) if name == "index_topk_pattern" else list):
+            raise ModelConfigError(f"{name}: expected a list, got a JSON {_json_kind(v)}")
+        if v and len(v) != L:
+            raise ModelConfigError(f"{name}: expected one entry for each of the num_hidden_layers={L} layers, "
+                                   f"got {len(v)}")
+    eos = d.get("eos_token_id")
+    eos_list = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    if len(eos_list) > _MAX_EOS_IDS or any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in eos_list):
+        raise ModelConfigError(f"eos_token_id: expected a token id >= 0 or a list of at most {_MAX_EOS_IDS}, "
+                               f"got {eos!r}")
+
+
+def _check_rope(kw: dict, rope: dict) -> None:
+    """The RoPE fields: finite numbers where the frequencies use them; an even rotated width."""
+    _real("rope_parameters.rope_theta", kw["rope_theta"], above=1)
+    _real("rope_parameters.partial_rotary_factor", kw["partial_rotary_factor"], positive=True, at_most=1)
+    if kw["rope_type"] == "yarn":
+        _real("rope_parameters.factor", rope["factor"], positive=True)
+        _integer("rope_parameters.original_max_position_embeddings", rope["original_max_position_embeddings"],
+                 1, SIZE_LIMITS["max_position_embeddings"])
+        for name in ("attention_factor", "beta_fast", "beta_slow"):
+            if rope.get(name) is not None:
+                _real(f"rope_parameters.{name}", rope[name], positive=True)
+        for name in ("mscale", "mscale_all_dim"):
+            if rope.get(name) is not None:
+                _real(f"rope_parameters.{name}", rope[name])
+    if kw["model_type"] == "glm4_moe":
+        _integer("head_dim", kw["head_dim"], 1, SIZE_LIMITS["head_dim"])
+        rotated = int(kw["head_dim"] * kw["partial_rotary_factor"])
+        if rotated < 2 or rotated % 2:
+            raise ModelConfigError(f"partial_rotary_factor: head_dim={kw['head_dim']} x {kw['partial_rotary_factor']} "
+                                   f"must give an even rotated width >= 2, got {rotated}")
+    elif kw["qk_rope_head_dim"] % 2:
+        raise ModelConfigError(f"qk_rope_head_dim: expected an even number (RoPE rotates pairs), got "
+                               f"{kw['qk_rope_head_dim']}")
 
 
 def indexer_types(d: dict, num_layers: int) -> tuple:

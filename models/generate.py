@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import operator
 import time
 from typing import Optional, Sequence
 
@@ -43,6 +45,16 @@ def _sample(logits: torch.Tensor, temperature: float, top_p: float, gen: Optiona
     return order.gather(-1, choice).squeeze(-1).to(logits.device)
 
 
+def _token_id(t) -> int:
+    """An int token id from an int-like (int, numpy integer, 0-d integer tensor); bool and float refused."""
+    if not isinstance(t, bool):
+        try:
+            return operator.index(t)
+        except TypeError:
+            pass
+    raise PromptError(f"token ids must be integers, got {t!r}")
+
+
 def _sync(device: torch.device) -> None:
     if device.type != "cpu" and hasattr(torch, "accelerator"):
         torch.accelerator.synchronize()
@@ -53,16 +65,26 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int = 1
              top_p: float = 1.0, seed: int = 0, eos_token_id=None) -> GenerationResult:
     """Generate for several prompts of different lengths in one batch.
 
-    Prompts are right-padded; each sequence keeps its own cache length, positions and causal
-    visibility. Stops at EOS (per sequence) or after ``max_new_tokens``."""
+    prompts: B lists of token ids (ints in [0, vocab_size)), each non-empty. Prompts are
+    right-padded; each sequence keeps its own cache length, positions and causal visibility.
+    temperature: a finite number >= 0 (0 = greedy); top_p in (0, 1]. Stops at EOS (per sequence)
+    or after ``max_new_tokens``. The KV caches hold longest prompt + max_new_tokens positions
+    (never ``max_position_embeddings``, which only bounds that sum).
+    Raises PromptError for a prompt the model cannot take, ValueError for a bad sampling argument."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or \
+            not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"generate: temperature: expected a finite number >= 0, got {temperature!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"generate: top_p: expected a number in (0, 1], got {top_p!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise PromptError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise PromptError("every prompt needs at least one token")
     V = model.config.vocab_size
-    bad = [t for p in prompts for t in p if not 0 <= int(t) < V]
+    prompts = [[_token_id(t) for t in p] for p in prompts]
+    bad = [t for p in prompts for t in p if not 0 <= t < V]
     if bad:
         raise PromptError(f"token id {bad[0]} is outside the vocabulary [0, {V})")
-    if max_new_tokens < 1:
-        raise PromptError("max_new_tokens must be >= 1")
     limit = model.config.max_position_embeddings
     longest = max(len(p) for p in prompts)
     if longest + max_new_tokens > limit:

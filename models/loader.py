@@ -8,7 +8,9 @@ tensor or file: :class:`CheckpointError`.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+import os
+import stat
+from pathlib import Path, PurePosixPath
 from typing import Callable, Optional
 
 import torch
@@ -19,10 +21,97 @@ from hal.models.model import CausalLM
 from hal.models.rope import mla_softmax_scale
 
 FP8 = torch.float8_e4m3fn
+# dtypes a checkpoint tensor may have; anything else (int8, int32, bool, float8_e5m2...) is refused,
+# never cast: a cast integer tensor would run as meaningless weights
+WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, FP8)
+# size caps for the JSON files of a model folder (the released ones: config.json a few KB, the
+# shard index < 10 MB, tokenizer.json < 40 MB)
+CONFIG_MAX_BYTES = 1 << 20
+INDEX_MAX_BYTES = 64 << 20
+TOKENIZER_MAX_BYTES = 128 << 20
 
 
 class CheckpointError(ValueError):
     """A checkpoint directory or tensor is missing, unreadable or of the wrong shape."""
+
+
+def _file_kind(mode: int) -> str:
+    for test, kind in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+                       (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return kind
+    return "special file"
+
+
+class ModelFolder:
+    """A model directory whose files are read only from inside it.
+
+    A file name must be relative, without '..'; after following symlinks it must still lie inside
+    the folder (or, for a Hugging Face hub cache snapshot ``.../snapshots/<revision>``, in that
+    repository's ``blobs/`` folder, where the cache's symlinks point), and it must be a regular
+    file: a FIFO, a directory or a device is refused before anything is opened or read."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        real = self.path.resolve()
+        self.roots = [real] + ([real.parent.parent / "blobs"] if real.parent.name == "snapshots" else [])
+
+    def file(self, rel, what: str, error=CheckpointError) -> Optional[Path]:
+        """The resolved path of regular file ``rel`` (a str relative to the folder), or None when
+        nothing is there. Raises ``error`` naming ``what`` for a path outside or a non-regular file."""
+        if not isinstance(rel, str) or not rel or "\x00" in rel:
+            raise error(f"{self.path}: {what} {rel!r} is not a file name")
+        parts = PurePosixPath(rel).parts
+        if PurePosixPath(rel).is_absolute() or ".." in parts:
+            raise error(f"{self.path}: {what} {rel!r} is outside the model folder (absolute paths and '..' are refused)")
+        p = self.path / rel
+        if not os.path.lexists(p):
+            return None
+        real = p.resolve()
+        if not any(real.is_relative_to(root) for root in self.roots):
+            raise error(f"{p}: {what} is a symlink leading outside the model folder (to {real})")
+        try:
+            mode = os.stat(real).st_mode
+        except OSError:
+            return None                                    # a dangling symlink: nothing there
+        if not stat.S_ISREG(mode):
+            raise error(f"{p}: {what} is a {_file_kind(mode)}, not a regular file")
+        return real
+
+    def read_text(self, rel: str, what: str, limit: int, error=CheckpointError) -> Optional[str]:
+        """The UTF-8 text of regular file ``rel`` (at most ``limit`` bytes), or None when absent."""
+        real = self.file(rel, what, error)
+        if real is None:
+            return None
+        p = self.path / rel
+        try:
+            fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK)        # never blocks, even if swapped for a FIFO
+            with os.fdopen(fd, "rb") as f:
+                st = os.fstat(f.fileno())
+                if not stat.S_ISREG(st.st_mode):
+                    raise error(f"{p}: {what} is a {_file_kind(st.st_mode)}, not a regular file")
+                if st.st_size > limit:
+                    raise error(f"{p}: {what} is {st.st_size} bytes, more than the limit of {limit}")
+                data = f.read(limit + 1)
+        except OSError as exc:
+            raise error(f"{p}: {what} cannot be read ({exc.strerror or exc})") from exc
+        if len(data) > limit:
+            raise error(f"{p}: {what} is more than the limit of {limit} bytes")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise error(f"{p}: {what} is not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+
+    def read_json(self, rel: str, what: str, limit: int, error=CheckpointError):
+        """The parsed JSON of regular file ``rel`` (None when absent); not JSON -> ``error``."""
+        text = self.read_text(rel, what, limit, error)
+        if text is None:
+            return None
+        try:
+            return json.loads(text)
+        except (ValueError, RecursionError) as exc:             # JSONDecodeError, int digit limit, nesting
+            raise error(f"{self.path / rel}: not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") \
+                from exc
 
 
 class TensorSource:
@@ -37,21 +126,35 @@ class TensorSource:
         return cls({k: (lambda v=v: v) for k, v in d.items()}, where)
 
     @classmethod
-    def from_directory(cls, path: Path) -> "TensorSource":
+    def from_directory(cls, path) -> "TensorSource":
+        """The tensors of a model folder's safetensors files: those ``model.safetensors.index.json``
+        lists (each entry inside the folder, see :class:`ModelFolder`), else every ``*.safetensors``."""
         from safetensors import safe_open
-        index = path / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            files = sorted(set(weight_map.values()))
+        folder = path if isinstance(path, ModelFolder) else ModelFolder(path)
+        path = folder.path
+        index_name = "model.safetensors.index.json"
+        index = folder.read_json(index_name, index_name, INDEX_MAX_BYTES)
+        shards: dict[str, Optional[Path]] = {}
+        if index is not None:
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict):
+                got = "no weight_map" if not isinstance(index, dict) or "weight_map" not in index else \
+                    f"a weight_map that is a JSON {type(weight_map).__name__}"
+                raise CheckpointError(f"{path / index_name}: expected a JSON object with a weight_map object "
+                                      f"(tensor name -> shard file), got {got}")
+            for name, fname in weight_map.items():
+                if fname not in shards:
+                    shards[fname] = folder.file(fname, f"{index_name} entry {name!r} -> shard")
         else:
-            files = sorted(p.name for p in path.glob("*.safetensors"))
             weight_map = None
-        if not files:
+            for p in sorted(path.glob("*.safetensors")):
+                shards[p.name] = folder.file(p.name, "shard")
+        if not shards:
             raise CheckpointError(f"{path}: no *.safetensors files (safetensors only; pickle checkpoints are refused)")
         tensors: dict = {}
-        for fname in files:
-            f = path / fname
-            if not f.exists():
+        for fname in sorted(shards):
+            f = shards[fname]
+            if f is None:
                 raise CheckpointError(f"{path}: shard {fname} listed in model.safetensors.index.json is missing")
             try:
                 handle = safe_open(str(f), framework="pt")
@@ -78,6 +181,10 @@ class TensorSource:
             t = self._tensors[name]()
         except Exception as exc:  # noqa: BLE001 - a truncated or corrupt shard surfaces here
             raise CheckpointError(f"{self.where}: tensor {name} cannot be read ({exc})") from exc
+        if t.dtype not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{self.where}: tensor {name} has dtype {str(t.dtype).replace('torch.', '')}; "
+                                  "weights must be float32, bfloat16, float16, float64 or float8_e4m3fn "
+                                  "(with its weight_scale_inv)")
         if shape is not None and tuple(t.shape) != tuple(shape):
             raise CheckpointError(f"{self.where}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
         self.used.add(name)
@@ -246,7 +353,7 @@ def build_model(cfg: ModelConfig, src: TensorSource, rt, *, dtype=torch.float32,
     bar = None
     if show_progress:
         from tqdm import tqdm
-        bar = tqdm(total=cfg.num_hidden_layers, desc=f"loading {src.where}", unit="layer")
+        bar = tqdm(total=cfg.num_hidden_layers, desc=f"loading {src.where}", unit="layer", disable=None)
     try:
         return b.build(progress=(lambda i: bar.update(1)) if bar else None)
     finally:
@@ -255,29 +362,36 @@ def build_model(cfg: ModelConfig, src: TensorSource, rt, *, dtype=torch.float32,
 
 
 def load_directory(path, rt, *, dtype=torch.float32, quantize=None, show_progress=False) -> CausalLM:
-    """Load a Hugging Face model directory (config.json + safetensors)."""
+    """Load a Hugging Face model directory (config.json + safetensors, optional tokenizer.json).
+
+    Files are read only from inside the folder, regular files only, JSON files under a size cap
+    (:class:`ModelFolder`). Raises ModelConfigError (config.json) or CheckpointError (index,
+    shards, tensors, tokenizer.json), each naming the file, entry or tensor."""
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory (give a built-in model name or a Hugging Face model folder)")
+    folder = ModelFolder(path)
     cfg_file = path / "config.json"
-    if not cfg_file.exists():
+    raw = folder.read_json("config.json", "config.json", CONFIG_MAX_BYTES, ModelConfigError)
+    if raw is None:
         raise CheckpointError(f"{path}: no config.json")
     try:
-        cfg = ModelConfig.from_dict(json.loads(cfg_file.read_text()))
-    except json.JSONDecodeError as exc:
-        raise ModelConfigError(f"{cfg_file}: not valid JSON ({exc})") from exc
+        cfg = ModelConfig.from_dict(raw)
     except ModelConfigError as exc:
         raise ModelConfigError(f"{cfg_file}: {exc}") from exc
     if cfg.quantization:
         q = cfg.quantization
         if q.get("quant_method") not in ("fp8", None) or q.get("fmt", "e4m3") != "e4m3" or \
+                not isinstance(q.get("weight_block_size", [128, 128]), list) or \
                 list(q.get("weight_block_size", [128, 128])) != [128, 128]:
             raise ModelConfigError(f"{cfg_file}: quantization_config {q} is not the 128x128 e4m3 block format")
-    model = build_model(cfg, TensorSource.from_directory(path), rt, dtype=dtype, quantize=quantize,
+    tokenizer = None
+    tok_text = folder.read_text("tokenizer.json", "tokenizer.json", TOKENIZER_MAX_BYTES)
+    if tok_text is not None:
+        from hal.models.tokenizer_builtin import tokenizer_from_json
+        tokenizer = tokenizer_from_json(tok_text, str(path / "tokenizer.json"), error=CheckpointError)
+    model = build_model(cfg, TensorSource.from_directory(folder), rt, dtype=dtype, quantize=quantize,
                         show_progress=show_progress)
     model.source = str(path)
-    tok = path / "tokenizer.json"
-    if tok.exists():
-        from tokenizers import Tokenizer
-        model.tokenizer = Tokenizer.from_file(str(tok))
+    model.tokenizer = tokenizer
     return model

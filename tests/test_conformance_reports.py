@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
@@ -22,7 +19,7 @@ from hal.cli import cli
 from hal.conformance import environment, reports
 from hal.conformance.golden import certify_golden, export
 from hal.conformance.onnx_check import check_exported, check_reference
-from hal.conformance.runner import certify
+from hal.conformance.runner import STATUSES, certify
 
 SCHEMA = json.loads(reports.SCHEMA_PATH.read_text())
 
@@ -64,7 +61,7 @@ class _Collector(HTMLParser):
 
     def handle_starttag(self, tag, attrs):
         self.tags.append(tag)
-        if tag == "td" and ("class", "st") in attrs:
+        if tag == "div" and ("class", "st") in attrs:
             self.cells += 1
             self.colours.append(dict(attrs)["style"])
         if tag not in _VOID:
@@ -95,6 +92,8 @@ def test_html_is_self_contained_with_matrix_and_plots(cpu_report, tmp_path):
     for svg in re.findall(r"<svg.*?</svg>", text, flags=re.S):     # each plot is valid SVG (XML) with bars
         root = ET.fromstring(svg)
         assert root.tag.endswith("svg") and root.findall("{http://www.w3.org/2000/svg}rect")
+        ticks = [t.text for t in root.iter("{http://www.w3.org/2000/svg}text") if t.get("class") == "tick"]
+        assert ticks[0] == "0" and "1" in ticks                      # a numbered linear axis through the budget
     assert "http" not in text.replace("http://www.w3.org/2000/svg", "")   # nothing fetched from outside
     for must in ("torch", "seed", "git commit", "runtime plan", "cpu (reference)"):
         assert must in text, must
@@ -109,96 +108,6 @@ def test_failed_render_writes_nothing(cpu_report, tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         reports.write_reports(cpu_report, tmp_path / "out")
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
-
-
-def test_crash_during_write_leaves_no_partial_file(tmp_path, monkeypatch):
-    target = tmp_path / "conformance.json"
-    target.write_text('{"old": "complete"}')
-
-    def exploding_replace(src, dst):
-        raise OSError("disk full")
-    monkeypatch.setattr(os, "replace", exploding_replace)
-    with pytest.raises(OSError):
-        reports.atomic_write(target, "x" * 100000)
-    assert target.read_text() == '{"old": "complete"}'
-    assert [p.name for p in tmp_path.iterdir()] == ["conformance.json"]
-
-
-_KILL_DURING_CASES = """
-import sys, time
-from hal.conformance import runner
-real, seen = runner.run_case, []
-def run_case(*a, **k):
-    seen.append(1)
-    if len(seen) == 5:                       # midway through the catalog
-        open(sys.argv[2], "w").close()
-        time.sleep(120)
-    return real(*a, **k)
-runner.run_case = run_case
-from hal.cli import cli
-cli(["conformance", "--backend", "cpu", "--report-dir", sys.argv[1]], prog_name="hal")
-"""
-
-_KILL_DURING_WRITE = """
-import os, sys, time
-real_fsync = os.fsync
-def fsync(fd):                               # the JSON report's bytes are in its temporary file now
-    open(sys.argv[2], "w").close()
-    time.sleep(120)
-os.fsync = fsync
-from hal.cli import cli
-cli(["conformance", "--backend", "cpu", "--ops", "fp8_quantize", "--report-dir", sys.argv[1]], prog_name="hal")
-"""
-
-
-def _run_and_kill(tmp_path, script: str, out: Path) -> None:
-    marker = tmp_path / "marker"
-    proc = subprocess.Popen([sys.executable, "-c", script, str(out), str(marker)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.time() + 120
-    while not marker.exists():
-        assert proc.poll() is None, proc.stderr.read().decode()
-        assert time.time() < deadline, "the run never reached the point where it is killed"
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-
-
-def _old_report(out: Path) -> str:
-    out.mkdir()
-    old = json.dumps({"old": "a complete report from an earlier run"})
-    (out / "conformance.json").write_text(old)
-    return old
-
-
-def test_run_killed_midway_through_the_cases_leaves_no_report(tmp_path):
-    out = tmp_path / "reports"
-    old = _old_report(out)
-    _run_and_kill(tmp_path, _KILL_DURING_CASES, out)
-    assert [f.name for f in out.iterdir()] == ["conformance.json"]
-    assert (out / "conformance.json").read_text() == old
-
-
-def test_run_killed_while_writing_leaves_no_half_report_and_the_next_run_cleans_up(tmp_path):
-    out = tmp_path / "reports"
-    old = _old_report(out)
-    _run_and_kill(tmp_path, _KILL_DURING_WRITE, out)
-    visible = sorted(f.name for f in out.iterdir() if not f.name.startswith("."))
-    assert visible == ["conformance.json"] and (out / "conformance.json").read_text() == old
-    leftovers = [f for f in out.iterdir() if f.name.startswith(".")]
-    assert len(leftovers) == 1 and leftovers[0].name.endswith(".tmp")     # the killed writer's temporary file
-    res = CliRunner().invoke(cli, ["conformance", "--backend", "cpu", "--ops", "fp8_quantize", "--report-dir", str(out)])
-    assert res.exit_code == 0, res.output
-    assert sorted(f.name for f in out.iterdir()) == sorted(reports.FILENAMES.values())   # stale temporary removed
-    assert json.loads((out / "conformance.json").read_text())["summary"]["passed"]
-    ET.parse(out / "conformance.junit.xml")
-    assert oct((out / "conformance.json").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def test_report_with_failures_and_non_finite_errors_validates(fresh_registry, tmp_path):
@@ -309,6 +218,7 @@ def test_cli_conformance_json_and_exit_codes(tmp_path):
     assert runner.invoke(cli, ["conformance", "--backend", "nosuch"]).exit_code == 3
     assert runner.invoke(cli, ["conformance", "--backend", "cpu", "--format", "pdf"]).exit_code == 2
     assert runner.invoke(cli, ["conformance", "--backend", "cpu", "--ops", "nope"]).exit_code == 2
+    assert runner.invoke(cli, ["conformance"]).exit_code == 2
     res = runner.invoke(cli, ["conformance", "--backend", "all", "--ops", "fp8_quantize_weight", "--json"])
     assert res.exit_code == 0 and "cpu" in {b["backend"] for b in json.loads(res.output)["backends"]}
 
@@ -383,16 +293,18 @@ def test_model_conformance_goes_into_every_report(monkeypatch, tmp_path, passed)
                                    "--report-dir", str(tmp_path), "--json"])
     assert res.exit_code == (0 if passed else 1), res.output
     assert calls == [("tiny-glm5", "cpu", 7)]
-    data = json.loads((tmp_path / "conformance.json").read_text())
+    files = reports.latest_reports(tmp_path, "cpu.model")
+    data = json.loads(files["json"].read_text())
     jsonschema.validate(data, SCHEMA)
     assert data["kind"] == "model" and data["summary"]["passed"] is passed and data["models"][0]["seed"] == 7
     assert data["summary"]["models_failed"] == (0 if passed else 1)
-    md = (tmp_path / "conformance.md").read_text()
+    md = files["md"].read_text()
     assert "## Model tiny-glm5 on cpu (test)" in md and ("| 0 | 4 | 4/4 | - |" if passed else "| 0 | 4 | 3/4 | 3 |") in md
     p = _Collector()
-    p.feed((tmp_path / "conformance.html").read_text())
-    assert p.tags.count("td") >= 6 + 1                     # one cell per position, plus the plan
-    suites = ET.parse(tmp_path / "conformance.junit.xml").getroot().findall("testsuite")
+    page = files["html"].read_text()
+    p.feed(page)
+    assert page.count("class='pos'") == 6 and p.tags.count("td") >= 4      # one cell per position, plus the plan
+    suites = ET.parse(files["junit"]).getroot().findall("testsuite")
     assert [s.get("failures") for s in suites] == ["0" if passed else "1"]
 
 
@@ -401,3 +313,157 @@ def test_model_conformance_with_an_unknown_backend_exits_3(monkeypatch):
     monkeypatch.setattr(model_conformance, "compare_model", lambda *a, **k: pytest.fail("must not run"))
     res = CliRunner().invoke(cli, ["conformance", "--model", "tiny-glm5", "--backend", "nosuch"])
     assert res.exit_code == 3 and "Traceback" not in res.output
+
+
+# ---- the command line: usage errors, broken plugins, named SKIPPED / CORRUPT lines, extras ----
+
+@pytest.mark.parametrize("args", [[], ["--model", "tiny-glm5"], ["--ops", "fp8_gemm", "--level", "quick"]])
+def test_conformance_without_a_backend_is_a_usage_error(args):
+    res = CliRunner().invoke(cli, ["conformance", *args])
+    assert res.exit_code == 2 and res.stdout == ""
+    assert res.stderr.splitlines() == [res.stderr.strip()] and "missing --backend NAME|all" in res.stderr
+    res = CliRunner().invoke(cli, ["conformance", *args, "--json"])
+    assert res.exit_code == 2 and json.loads(res.stdout)["exit_code"] == 2
+
+
+def test_other_usage_errors_exit_2(tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(cli, ["conformance", "--backend", "cpu", "--golden", str(tmp_path), "--model", "tiny-glm5"])
+    assert res.exit_code == 2 and "--golden and --model exclude each other" in res.stderr
+    res = runner.invoke(cli, ["conformance", "--backend", "cpu", "--report-dir", str(tmp_path), "--format", ","])
+    assert res.exit_code == 2 and "no format given" in res.output
+    assert runner.invoke(cli, ["conformance", "--backend", "cpu", "--level", "huge"]).exit_code == 2
+    assert runner.invoke(cli, ["conformance", "export"]).exit_code == 2                       # --out missing
+
+
+def _table(stdout: str) -> list[str]:
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("backend "))
+    return lines[start:]
+
+
+def test_backend_all_fails_on_a_broken_plugin_and_names_every_skip(fresh_registry, tmp_path):
+    from hal.conformance.cases import catalog
+    from hal.registry import get_registry
+
+    def crash():
+        raise RuntimeError("driver crashed")
+    get_registry().register_backend(hal.Backend("crashy", probe=crash))
+    get_registry().register_backend(hal.Backend("gone", probe=lambda: hal.Availability(False, "device unplugged")))
+    n = len(catalog("quick", ["fp8_quantize_weight"]))
+    res = CliRunner().invoke(cli, ["conformance", "--backend", "all", "--ops", "fp8_quantize_weight",
+                                   "--report-dir", str(tmp_path)])
+    assert res.exit_code == 1, res.output
+    lines = res.stdout.splitlines()
+    assert "BROKEN crashy: plugin broken: probe raised RuntimeError: driver crashed " \
+           "(`hal backends --traceback` shows why)" in lines
+    assert f"SKIPPED gone: all {n} cases (fp8_quantize_weight): backend unavailable: device unplugged" in lines
+    assert not [line for line in lines if line.startswith("SKIPPED crashy")]
+    verdict = next(line for line in lines if line.startswith(("PASSED", "FAILED")))
+    assert verdict.startswith("FAILED: PASS ") and verdict.endswith("; broken plugins: crashy")
+    header = _table(res.stdout)[0].split()
+    assert header[:2] == ["backend", "op"] and header[2:-1] == list(STATUSES) and header[-1] == "path"
+    files = reports.latest_reports(tmp_path, "all")
+    data = json.loads(files["json"].read_text())
+    jsonschema.validate(data, SCHEMA)
+    assert data["summary"]["backends_broken"] == ["crashy"] and not data["summary"]["passed"]
+    assert data["summary"]["counts"]["FAIL"] == data["summary"]["counts"]["ERROR"] == 0
+    junit = ET.parse(files["junit"]).getroot()
+    err = [tc for tc in junit.iter("testcase") if tc.get("classname") == "hal.crashy.plugin"]
+    assert len(err) == 1 and "driver crashed" in err[0].find("error").get("message")
+    assert "broken plugins: crashy" in files["html"].read_text() and "Broken plugins" in files["md"].read_text()
+    # an unavailable backend is not a failure: without the broken one, --backend all passes
+    get_registry().unregister("crashy")
+    res = CliRunner().invoke(cli, ["conformance", "--backend", "all", "--ops", "fp8_quantize_weight", "--json"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["summary"]["backends_broken"] == []
+
+
+def test_table_columns_are_whole_and_aligned():
+    res = CliRunner().invoke(cli, ["conformance", "--backend", "cpu", "--ops", "fp8_quantize_weight,moe_combine"])
+    assert res.exit_code == 0, res.output
+    header, *rows = _table(res.stdout)[:3]
+    for status in STATUSES:                            # each count ends exactly under its header
+        end = header.index(f" {status} ") + len(status) + 1
+        for row in rows:
+            assert row[end - 1].isdigit() and row[end] == " ", (status, row)
+    assert "SKIPPE " not in header and "CORRUP " not in header
+
+
+def test_a_corrupt_golden_case_is_named_with_its_reason(golden, tmp_path):
+    import shutil
+    d = tmp_path / "g"
+    shutil.copytree(golden, d)
+    victim = d / "moe_dispatch" / "T1_align4" / "test_data_set_0" / "input_0.pb"
+    raw = bytearray(victim.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    victim.write_bytes(bytes(raw))
+    res = CliRunner().invoke(cli, ["conformance", "--golden", str(d), "--backend", "cpu", "--ops", "moe_dispatch"])
+    assert res.exit_code == 1
+    bad = [line for line in res.stdout.splitlines() if line.startswith(("CORRUPT", "FAIL ", "ERROR"))]
+    assert bad == ["CORRUPT cpu moe_dispatch/T1_align4 [native]: golden file "
+                   "moe_dispatch/T1_align4/test_data_set_0/input_0.pb fails its SHA-256 checksum (corrupted or edited)"]
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_an_unwritable_report_folder_still_prints_the_results(tmp_path, as_json):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    args = ["conformance", "--backend", "cpu", "--ops", "fp8_quantize_weight", "--report-dir", str(blocker / "out")]
+    res = CliRunner().invoke(cli, args + (["--json"] if as_json else []))
+    assert res.exit_code == 4
+    assert res.stderr.count("\n") == 1 and res.stderr.startswith(f"hal: error: cannot write reports into {blocker}")
+    assert "Not a directory" in res.stderr and "Traceback" not in res.output
+    if as_json:
+        data = json.loads(res.stdout)
+        assert data["summary"]["passed"] and data["report_files"] == {} and "Not a directory" in data["report_error"]
+    else:
+        assert "fp8_quantize_weight" in res.stdout and res.stdout.splitlines()[-1].startswith("PASSED: PASS ")
+
+
+def test_a_permission_error_while_writing_exits_4_and_leaves_nothing(tmp_path, monkeypatch):
+    from hal import atomic
+
+    def denied(*a, **k):                        # the tests run as root, which no folder mode stops
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+    monkeypatch.setattr(atomic, "make_temporary_dir", denied)
+    res = CliRunner().invoke(cli, ["conformance", "--backend", "cpu", "--ops", "fp8_quantize_weight",
+                                   "--report-dir", str(tmp_path)])
+    assert res.exit_code == 4 and "Permission denied" in res.stderr and "PASSED" in res.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("missing, args", [
+    ("onnx", ["conformance", "export", "--out", "OUT"]),
+    ("onnxruntime", ["conformance", "export", "--out", "OUT"]),
+    ("onnx", ["conformance", "--golden", "GOLDEN", "--backend", "cpu"]),
+])
+def test_a_missing_extra_names_the_pip_install(tmp_path, monkeypatch, missing, args):
+    monkeypatch.setitem(sys.modules, missing, None)          # `import onnx` now fails as if not installed
+    args = [str(tmp_path / "out") if a == "OUT" else str(tmp_path) if a == "GOLDEN" else a for a in args]
+    res = CliRunner().invoke(cli, args)
+    assert res.exit_code == 2 and res.stdout == "" and "Traceback" not in res.stderr
+    what = "conformance export" if args[1] == "export" else "conformance --golden"
+    assert res.stderr.splitlines() == [f"hal: error: hal {what} needs {missing}, not installed: "
+                                       "pip install 'hal[conformance]'"]
+    assert not (tmp_path / "out").exists()
+    res = CliRunner().invoke(cli, args + ["--json"])
+    assert res.exit_code == 2 and "pip install 'hal[conformance]'" in json.loads(res.stdout)["error"]
+
+
+def test_a_missing_extra_found_only_at_import_gives_the_same_line(tmp_path, monkeypatch):
+    from hal.commands import _common
+    monkeypatch.setattr(_common, "_importable", lambda module: True)       # the up-front check is fooled
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    for mod in ("hal.conformance.golden", "hal.conformance.tensorproto", "hal.conformance.onnx_check"):
+        monkeypatch.delitem(sys.modules, mod, raising=False)
+    res = CliRunner().invoke(cli, ["conformance", "export", "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2 and res.stderr == \
+        "hal: error: hal conformance export needs onnx, not installed: pip install 'hal[conformance]'\n"
+
+
+def test_export_into_an_unwritable_folder_exits_4(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    res = CliRunner().invoke(cli, ["conformance", "export", "--out", str(blocker / "golden"), "--ops", "fp8_linear"])
+    assert res.exit_code == 4 and res.stderr.startswith(f"hal: error: cannot write golden vectors into {blocker}")
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.output

@@ -34,6 +34,19 @@ def _replan(**changes):
     return dataclasses.replace(_plan(), **changes)
 
 
+def _aligned_plan(**changes):
+    """A plan of 3 tokens x 2 slots over 4 experts, segments aligned to 2 rows, hand-checked:
+    counts [1, 2, 2, 0], offsets [0, 2, 4, 6, 6], source [0, -1, 1, 2, 3, 4] (row 1 pads expert 0)."""
+    plan = ops.moe_dispatch(r(3, 8), torch.tensor([[0, 1], [1, 2], [2, -1]]), 4, align=2)
+    assert plan.tokens_per_expert.tolist() == [1, 2, 2, 0] and plan.offsets.tolist() == [0, 2, 4, 6, 6]
+    assert plan.source.tolist() == [0, -1, 1, 2, 3, 4]
+    return dataclasses.replace(plan, **changes)
+
+
+def _src(*values):
+    return torch.tensor(values, dtype=torch.int64)
+
+
 def _w8(E, rows, cols):
     """E experts of float8 weights [rows, cols] with their 128x128 block scales."""
     q = [ops.fp8_quantize_weight(r(rows, cols)) for _ in range(E)]
@@ -74,6 +87,8 @@ CASES = [
     ("moe_route", "value", "scaling_factor", lambda: ops.moe_route(r(4, 8), top_k=2, scaling_factor=NAN)),
     ("moe_route", "value", "scaling_factor", lambda: ops.moe_route(r(4, 8), top_k=2, scaling_factor=INF)),
     ("moe_route", "value", "renormalize", lambda: ops.moe_route(r(4, 8), top_k=2, renormalize=1)),
+    ("moe_route", "value", "top_k", lambda: ops.moe_route(r(4, 8), top_k=2 ** 31 - 1)),
+    ("moe_route", "value", "n_group", lambda: ops.moe_route(r(4, 8), top_k=2, n_group=2 ** 40)),
     # ---- moe_dispatch
     ("moe_dispatch", "rank", "hidden", lambda: ops.moe_dispatch(r(3, 8, 1), torch.tensor([[0], [1], [1]]), 4)),
     ("moe_dispatch", "rank", "expert_ids", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([0, 1, 1]), 4)),
@@ -86,6 +101,9 @@ CASES = [
     ("moe_dispatch", "value", "num_experts", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [1], [1]]), 0)),
     ("moe_dispatch", "value", "num_experts", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [1], [1]]), 4.0)),
     ("moe_dispatch", "value", "align", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [1], [1]]), 4, align=0)),
+    # legal-looking huge ints: a ContractError with the bound, never the allocator
+    ("moe_dispatch", "value", "num_experts", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [1], [1]]), 2 ** 40)),
+    ("moe_dispatch", "value", "align", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [1], [1]]), 4, align=2 ** 40)),
     # ---- moe_experts
     ("moe_experts", "rank", "w_gate_up", lambda: ops.moe_experts(_plan(), r(6, 8), r(4, 8, 3))),
     ("moe_experts", "rank", "plan.hidden", lambda: ops.moe_experts(_replan(hidden=r(6, 8, 1)), r(4, 6, 8), r(4, 8, 3))),
@@ -130,6 +148,29 @@ CASES = [
     ("moe_experts", "value", "plan.tokens_per_expert", lambda: ops.moe_experts(
         _replan(tokens_per_expert=torch.tensor([-1, 0, 0, 0], dtype=I32)), r(4, 6, 8), r(4, 8, 3))),
     ("moe_experts", "value", "plan.num_tokens", lambda: ops.moe_experts(_replan(num_tokens=-1), r(4, 6, 8), r(4, 8, 3))),
+    # hand-built plans whose bookkeeping does not add up (each once accepted: another answer or an IndexError)
+    ("moe_experts", "value", "plan.offsets", lambda: ops.moe_experts(                            # counts vs segments
+        _aligned_plan(tokens_per_expert=torch.tensor([1, 2, 3, 0], dtype=I32)), r(4, 6, 8), r(4, 8, 3))),
+    ("moe_experts", "value", "plan.offsets", lambda: ops.moe_experts(                            # a segment too long
+        _aligned_plan(offsets=torch.tensor([0, 4, 4, 6, 6], dtype=I32)), r(4, 6, 8), r(4, 8, 3))),
+    ("moe_experts", "value", "plan.source", lambda: ops.moe_experts(                             # count 2, one real row
+        _aligned_plan(tokens_per_expert=torch.tensor([2, 1, 2, 0], dtype=I32)), r(4, 6, 8), r(4, 8, 3))),
+    ("moe_experts", "value", "plan.source", lambda: ops.moe_experts(                             # a copy on a padding row
+        _aligned_plan(source=_src(0, 5, 1, 2, 3, 4)), r(4, 6, 8), r(4, 8, 3))),
+    ("moe_experts", "value", "plan.source", lambda: ops.moe_experts(                             # -1 on a real row
+        _aligned_plan(source=_src(0, -1, -1, 2, 3, 4)), r(4, 6, 8), r(4, 8, 3))),
+    ("moe_combine", "value", "plan.source", lambda: ops.moe_combine(                             # one copy on two rows
+        r(6, 8), _aligned_plan(source=_src(0, -1, 1, 2, 1, 4)), r(3, 2))),
+    ("moe_combine", "value", "plan.source", lambda: ops.moe_combine(                             # num_tokens*top_k < rows
+        r(6, 8), _aligned_plan(num_tokens=2), r(2, 2))),
+    ("moe_combine", "value", "plan.source", lambda: ops.moe_combine(                             # source beyond T*k
+        r(6, 8), _aligned_plan(source=_src(0, -1, 1, 2, 3, 40)), r(3, 2))),
+    ("moe_combine", "shape", "weights", lambda: ops.moe_combine(r(6, 8), _aligned_plan(top_k=3), r(3, 2))),
+    ("moe_experts", "value", "plan.top_k", lambda: ops.moe_experts(_aligned_plan(top_k=2 ** 40), r(4, 6, 8), r(4, 8, 3))),
+    ("moe_experts", "value", "plan.align", lambda: ops.moe_experts(_aligned_plan(align=2 ** 40), r(4, 6, 8), r(4, 8, 3))),
+    ("moe_experts", "value", "plan.tokens_per_expert", lambda: ops.moe_experts(            # more experts than the bound
+        _replan(tokens_per_expert=torch.zeros(2 ** 16 + 1, dtype=I32), offsets=torch.zeros(2 ** 16 + 2, dtype=I32)),
+        r(4, 6, 8), r(4, 8, 3))),
     # ---- moe_combine
     ("moe_combine", "rank", "expert_out", lambda: ops.moe_combine(r(6), _plan(), r(3, 2))),
     ("moe_combine", "rank", "weights", lambda: ops.moe_combine(r(6, 8), _plan(), r(6))),
@@ -171,6 +212,7 @@ CASES = [
     ("lightning_indexer", "device", "k_lengths", lambda: ops.lightning_indexer(*LI, top_k=2,
                                                                                  k_lengths=_meta(1, dtype=torch.int64))),
     ("lightning_indexer", "value", "top_k", lambda: ops.lightning_indexer(*LI, top_k=0)),
+    ("lightning_indexer", "value", "top_k", lambda: ops.lightning_indexer(*LI, top_k=2 ** 31 - 1)),
     ("lightning_indexer", "value", "causal", lambda: ops.lightning_indexer(*LI, top_k=2, causal="yes")),
     ("lightning_indexer", "value", "q_offset", lambda: ops.lightning_indexer(*LI, top_k=2, q_offset=[0])),
     ("lightning_indexer", "value", "k_lengths", lambda: ops.lightning_indexer(*LI, top_k=2, k_lengths=torch.tensor([5]))),
@@ -209,12 +251,14 @@ CASES = [
     ("fp8_quantize", "dtype", "x", lambda: ops.fp8_quantize(torch.ones(4, 8, dtype=I32))),
     ("fp8_quantize", "value", "x", lambda: ops.fp8_quantize([[1.0, 2.0]])),
     ("fp8_quantize", "value", "group_size", lambda: ops.fp8_quantize(r(4, 8), group_size=0)),
+    ("fp8_quantize", "value", "group_size", lambda: ops.fp8_quantize(r(4, 8), group_size=2 ** 40)),
     ("fp8_quantize", "value", "scale_format", lambda: ops.fp8_quantize(r(4, 8), scale_format="e8m0")),
     # ---- fp8_quantize_weight
     ("fp8_quantize_weight", "rank", "w", lambda: ops.fp8_quantize_weight(r(4, 8, 2))),
     ("fp8_quantize_weight", "rank", "w", lambda: ops.fp8_quantize_weight(r(8))),
     ("fp8_quantize_weight", "dtype", "w", lambda: ops.fp8_quantize_weight(r(4, 8).to(F8))),
     ("fp8_quantize_weight", "value", "block", lambda: ops.fp8_quantize_weight(r(4, 8), block=-1)),
+    ("fp8_quantize_weight", "value", "block", lambda: ops.fp8_quantize_weight(r(4, 8), block=2 ** 30)),
     # ---- fp8_gemm
     ("fp8_gemm", "rank", "a", lambda: ops.fp8_gemm(A8[0], A8S, B8, B8S)),
     ("fp8_gemm", "rank", "b_scale", lambda: ops.fp8_gemm(A8, A8S, B8, B8S.flatten())),
@@ -308,13 +352,15 @@ def test_checked_mode_reports_duplicate_sparse_indices():
 
 
 def test_data_checks_skip_device_tensors_unless_checked():
-    # on a non-CPU device the value-range checks need a host sync: they run only in checked mode
+    # on an accelerator the value-range checks need a host sync: they run only in checked mode;
+    # meta tensors hold no data, so never on them
+    import types
     from hal.contract._spec import data_checks
-    meta = torch.empty(3, device="meta")
-    assert data_checks(torch.empty(3)) and not data_checks(meta)
+    meta, gpu = torch.empty(3, device="meta"), types.SimpleNamespace(device=torch.device("cuda", 0))
+    assert data_checks(torch.empty(3)) and not data_checks(meta) and not data_checks(gpu)
     hal.set_checked(True)
     try:
-        assert data_checks(meta)
+        assert data_checks(gpu) and not data_checks(meta)
     finally:
         hal.set_checked(False)
 
@@ -325,3 +371,67 @@ def test_validate_functions_raise_the_same_errors_directly():
     with pytest.raises(hal.ContractError, match="n_group"):
         spec.validate(r(4, 8), top_k=2, n_group=3)
     assert spec.validate(r(4, 8), top_k=2, n_group=4, topk_group=2) is None
+
+
+@pytest.mark.parametrize("op,arg,call,bound", [
+    ("fp8_quantize", "group_size", lambda: ops.fp8_quantize(r(4, 8), group_size=2 ** 40), "65536"),
+    ("fp8_quantize_weight", "block", lambda: ops.fp8_quantize_weight(r(4, 8), block=2 ** 30), "65536"),
+    ("moe_dispatch", "num_experts", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [1], [1]]), 2 ** 40), "65536"),
+    ("moe_dispatch", "align", lambda: ops.moe_dispatch(r(3, 8), torch.tensor([[0], [1], [1]]), 4, align=2 ** 40), "1024"),
+    ("lightning_indexer", "top_k", lambda: ops.lightning_indexer(*LI, top_k=2 ** 31 - 1), "65536"),
+    ("moe_route", "top_k", lambda: ops.moe_route(r(4, 8), top_k=2 ** 31 - 1), "8"),
+])
+def test_huge_ints_state_their_upper_bound(op, arg, call, bound):
+    with pytest.raises(hal.ContractError) as exc:
+        call()
+    assert (exc.value.op, exc.value.arg) == (op, arg)
+    assert f"<= {bound}" in exc.value.expected, str(exc.value)
+
+
+def test_bounds_leave_room_for_real_models():
+    # the largest values the supported models use pass: 256 experts, align 128, top-2048 of 128K keys
+    plan = ops.moe_dispatch(r(4, 8), torch.randint(0, 256, (4, 8)), 256, align=128)
+    assert plan.offsets[-1] == 128 * int((plan.tokens_per_expert > 0).sum())
+    q, k, w = r(1, 1, 1, 8), r(1, 4, 8), torch.rand(1, 1, 1)
+    assert ops.lightning_indexer(q, k, w, top_k=2048).shape == (1, 1, 2048)
+    assert ops.fp8_quantize(r(2, 300), group_size=256)[1].shape == (2, 2)
+
+
+def test_sparse_attention_with_no_keys_returns_zeros_and_minus_inf():
+    # L = 0 is legal: every slot is -1, so out = 0 and lse = -inf for every query and head
+    q = r(2, 3, 4, 8)
+    idx = torch.full((2, 3, 5), -1, dtype=I32)
+    for dtype in (torch.float32, torch.bfloat16):
+        out, lse = ops.sparse_attention(q.to(dtype), r(2, 0, 2, 8).to(dtype), r(2, 0, 2, 6).to(dtype), idx, scale=0.5,
+                                        return_lse=True)
+        assert out.shape == (2, 3, 4, 6) and out.dtype == dtype and bool((out == 0).all())
+        assert lse.shape == (2, 3, 4) and lse.dtype == torch.float32 and bool((lse == float("-inf")).all())
+    with pytest.raises(hal.ContractError) as exc:                     # no key to point at: only -1 is legal
+        ops.sparse_attention(q, r(2, 0, 2, 8), r(2, 0, 2, 6), torch.zeros(2, 3, 5, dtype=I32), scale=0.5)
+    assert exc.value.arg == "indices"
+
+
+def test_a_consistent_hand_built_plan_is_accepted():
+    plan = _aligned_plan()
+    rebuilt = hal.DispatchPlan(plan.hidden.clone(), torch.tensor([1, 2, 2, 0], dtype=I32),
+                               torch.tensor([0, 2, 4, 6, 6], dtype=I32), _src(0, -1, 1, 2, 3, 4), 3, 2, 2)
+    w = torch.rand(3, 2)
+    assert torch.equal(ops.moe_combine(plan.hidden, rebuilt, w), ops.moe_combine(plan.hidden, plan, w))
+
+
+def test_meta_tensors_get_shapes_or_a_contract_error():
+    # no backend serves "meta": the ops run the reference, which gives meta outputs of the contract's
+    # shapes where they do not depend on data, and a ContractError for moe_dispatch, whose N does
+    import warnings
+    plan = _aligned_plan().to("meta")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        with pytest.raises(hal.ContractError) as exc:
+            ops.moe_dispatch(_meta(3, 8), _meta(3, 2, dtype=torch.int64), 4)
+        assert (exc.value.op, exc.value.arg) == ("moe_dispatch", "hidden") and "meta" in str(exc.value)
+        out = ops.moe_experts(plan, _meta(4, 6, 8), _meta(4, 8, 3))
+        assert out.device.type == "meta" and out.shape == (6, 8)
+        out = ops.moe_combine(_meta(6, 8), plan, _meta(3, 2))
+        assert out.device.type == "meta" and out.shape == (3, 8)
+        idx = ops.lightning_indexer(*(t.to("meta") for t in LI), top_k=3)
+        assert idx.device.type == "meta" and idx.shape == (1, 2, 3) and idx.dtype == I32

@@ -42,3 +42,10 @@ def test_example_plugin_matches_reference(example_plugin):
 def test_example_pyproject_declares_entry_point():
     text = (EXAMPLE / "pyproject.toml").read_text()
     assert '[project.entry-points."hal.backends"]' in text and 'example = "hal_example_backend.plugin"' in text
+
+
+def test_the_example_never_takes_over_auto(example_plugin):
+    from hal.binding import resolve
+    assert get_registry().record("example").status == "available"
+    assert resolve("auto").name != "example"
+    assert get_registry().best("cpu").name == "cpu"

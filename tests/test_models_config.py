@@ -65,7 +65,7 @@ def test_glm5_indexer_pattern_follows_transformers():
     ({"rope_parameters": {"rope_type": "llama3", "rope_theta": 1e4}}, "rope_type 'llama3'"),
     ({"n_group": 3}, "n_group=3 must divide"),
     ({"indexer_types": ["shared"] * 5}, "indexer_types[0] must be 'full'"),
-    ({"mlp_layer_types": ["dense"]}, "mlp_layer_types must list"),
+    ({"mlp_layer_types": ["dense"]}, "mlp_layer_types: expected one entry for each of the num_hidden_layers=5"),
     ({"kv_lora_rank": None}, "lacks the field 'kv_lora_rank'"),
 ])
 def test_configs_we_cannot_run_are_refused_by_name(change, fragment):

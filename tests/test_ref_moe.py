@@ -104,7 +104,8 @@ def test_route_non_finite_logits_and_bias():
     w, ids = ops.moe_route(logits, top_k=2, correction_bias=bias)      # the NaN not selected: clean weights
     assert ids.tolist() == [[2, 1]] and w.tolist() == [[0.5, 0.5]]
     # a NaN in a kept group is still preferred to any expert of a dropped group:
-    # c = [.5, .5, .5 | NaN, s(5), s(5)]: g0 = 1.0, g1 = 2 s(5) (the NaN counts as -inf, not in the top-2)
+    # c = [.5, .5, .5 | NaN, s(5), s(5)], no bias so a group scores its max: g0 = .5, g1 = s(5) (the
+    # NaN counts as -inf there)
     # -> keep g1; top-3 = [4, 5, 3], never expert 0
     _, ids = ops.moe_route(torch.tensor([[0.0, 0.0, 0.0, NAN, 5.0, 5.0]]), top_k=3, n_group=2, topk_group=1)
     assert ids.tolist() == [[4, 5, 3]]
@@ -136,7 +137,8 @@ def _route_loops(logits: torch.Tensor, bias, scoring, n_group, topk_group, top_k
             z = sum(math.exp(v - max(x)) for v in x)
             s = [math.exp(v - max(x)) / z for v in x]
         c = [s[e] + (float(bias[e]) if bias is not None else 0.0) for e in range(E)]
-        gscore = [sum(sorted(c[i * per:(i + 1) * per], reverse=True)[:2]) for i in range(n_group)]
+        best = 1 if bias is None else 2           # a group's max without a bias, its top-2 sum with one
+        gscore = [sum(sorted(c[i * per:(i + 1) * per], reverse=True)[:best]) for i in range(n_group)]
         kept = sorted(range(n_group), key=lambda i: (-gscore[i], i))[:topk_group]
         ids = sorted((e for e in range(E) if e // per in kept), key=lambda e: (-c[e], e))[:top_k]
         w = [s[e] for e in ids]

@@ -1,8 +1,9 @@
 """Reference ``moe_experts``: per expert, SwiGLU FFN on its rows of the plan."""
 import torch
 
-from ._fp8 import dequantize_weight, quantize_groups, dequantize_activation
+from ._fp8 import quantize_groups
 from ._precision import acc, matmul_nt, rounded
+from .op_fp8_gemm import block_scaled_matmul
 
 
 def _matmul(x, w, w_scale):
@@ -10,12 +11,14 @@ def _matmul(x, w, w_scale):
     if w_scale is None:
         return matmul_nt(x, w)
     xq, xs = quantize_groups(x, 128)
-    return matmul_nt(dequantize_activation(xq, xs), dequantize_weight(w, w_scale))
+    return block_scaled_matmul(xq, xs, w, w_scale)
 
 
 def moe_experts(plan, w_gate_up, w_down, *, activation="silu", w_gate_up_scale=None, w_down_scale=None):
     dtype = plan.hidden.dtype
-    out = torch.zeros(plan.hidden.shape, dtype=acc())
+    if plan.hidden.device.type == "meta":       # no data to route: the output's shape and dtype are all there is
+        return torch.empty(plan.hidden.shape, dtype=dtype, device="meta")
+    out = torch.zeros(plan.hidden.shape, dtype=acc(), device=plan.hidden.device)
     for e in range(plan.num_experts):
         start, n = int(plan.offsets[e]), int(plan.tokens_per_expert[e])
         if n == 0:

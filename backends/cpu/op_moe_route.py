@@ -14,9 +14,11 @@ def moe_route(router_logits, *, top_k, scoring="sigmoid", correction_bias=None, 
     kept = torch.ones(T, E, dtype=torch.bool)
     if n_group > 1:
         per_group = E // n_group
-        # group score: the sum of the group's top-2 selection scores (a NaN counts as -inf there)
+        # DeepSeek's Gate: without a bias a group scores its best expert, with one the sum of its
+        # best two (one when the group holds one expert); a NaN counts as -inf there
         groups = c.masked_fill(torch.isnan(c), float("-inf")).view(T, n_group, per_group)
-        group_score = groups.topk(min(2, per_group), dim=-1).values.sum(-1)
+        best = 1 if correction_bias is None else min(2, per_group)
+        group_score = groups.topk(best, dim=-1).values.sum(-1)
         keep = top_k_indices(group_score, topk_group)
         kept = torch.zeros(T, n_group, dtype=torch.bool).scatter_(1, keep, True).repeat_interleave(per_group, dim=1)
     ids = top_k_indices(c, top_k, eligible=kept)        # experts of dropped groups are never selected

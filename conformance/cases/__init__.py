@@ -13,6 +13,13 @@ from hal.conformance.cases import dsa, fp8, moe
 from hal.conformance.cases._case import Case
 
 LEVELS = ("quick", "full")
+_REGISTERED: dict = {}
+
+
+def register_cases(op: str, cases_of_level) -> None:
+    """Add the cases of an op defined outside HAL's families (:func:`hal.contract.add_op`):
+    ``cases_of_level(level) -> list[Case]`` is called for each catalog request."""
+    _REGISTERED[op] = cases_of_level
 
 
 def catalog(level: str = "quick", ops=None) -> list[Case]:
@@ -21,9 +28,11 @@ def catalog(level: str = "quick", ops=None) -> list[Case]:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     from hal.contract import CONTRACT
     everything = moe.cases(level) + dsa.cases(level) + fp8.cases(level)
+    for fn in _REGISTERED.values():
+        everything += fn(level)
     order = {op: i for i, op in enumerate(CONTRACT)}
     chosen = [c for c in everything if ops is None or c.op in ops]
     return sorted(chosen, key=lambda c: order[c.op])
 
 
-__all__ = ["Case", "catalog", "LEVELS"]
+__all__ = ["Case", "catalog", "LEVELS", "register_cases"]

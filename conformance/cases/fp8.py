@@ -49,6 +49,9 @@ def _weight_cases(level):
         for dtype in (torch.bfloat16, torch.float32) + ((torch.float16,) if name == "tiny" else ()):
             out.append(Case("fp8_quantize_weight", f"{name}_{str(dtype)[6:]}",
                             lambda g, N=N, K=K, dtype=dtype: ((randn(g, N, K, dtype=dtype, scale=0.05),), dict(block=128))))
+    if level == "quick":                  # a block other than 128, partial in both dims
+        out.append(Case("fp8_quantize_weight", "block64_ragged",
+                        lambda g: ((randn(g, 150, 100, scale=0.05),), dict(block=64)), ("block64",)))
     return out
 
 

@@ -172,6 +172,13 @@ def _forward_cases(shapes, level):
                     dict(top_k=2, scoring="softmax", correction_bias=None, n_group=1, topk_group=1, renormalize=True,
                          scaling_factor=1.0, activation="silu", w_gate_up_scale=None, w_down_scale=None))
         out.append(Case("moe_forward", "fp32_softmax", fp32, ("fp32",)))
+
+        def raw_weights(g, T=6, E=8, H=32, I=16):          # renormalize=False: the gates' own scores weight
+            w_gu, w_d, _ = _weights(g, E, I, H, False)
+            return ((randn(g, T, H, dtype=torch.bfloat16), _logits(g, T, E), w_gu, w_d),
+                    dict(top_k=3, scoring="sigmoid", correction_bias=torch.rand(E, generator=g) * 0.1, n_group=2,
+                         topk_group=1, renormalize=False, scaling_factor=1.5, activation="silu"))
+        out.append(Case("moe_forward", "no_renormalize", raw_weights, ("no_renormalize", "groups")))
     return out
 
 

@@ -5,8 +5,8 @@ import sys
 
 import click
 
-from hal.cli import EXIT_BACKEND, EXIT_FAILED, EXIT_INPUT
-from hal.commands._common import emit_json, fail
+from hal.cli import EXIT_BACKEND, EXIT_FAILED, EXIT_INPUT, EXIT_USAGE
+from hal.commands._common import emit_json, fail, missing_module_exit, require_extra
 
 
 def _split(value: str | None) -> list[str] | None:
@@ -28,24 +28,67 @@ class _Progress:
     def close(self) -> None:
         if self.bar:
             self.bar.__exit__(None, None, None)
+            self.bar = None
 
 
-def _summary_table(report: dict) -> str:
-    """backend x op rows: the count of each status, and the paths the cases ran on."""
+def _summary_table(report: dict) -> list[str]:
+    """backend x op rows: the count of each status (full names as headers), and the paths the cases ran on."""
     from hal.conformance.runner import STATUSES
-    lines = [f"{'backend':<34} {'op':<20} " + " ".join(f"{s[:6]:>6}" for s in STATUSES) + "  path"]
+    labels = [b["label"] for b in report["backends"]] or ["backend"]
+    bw = max(len("backend"), *(len(x) for x in labels))
+    ow = max([len("op")] + [len(r["op"]) for b in report["backends"] for r in b["results"]])
+    widths = {s: max(len(s), 4) for s in STATUSES}
+    lines = [f"{'backend':<{bw}}  {'op':<{ow}}  " + " ".join(f"{s:>{widths[s]}}" for s in STATUSES) + "  path"]
     for b in report["backends"]:
         ops, paths = {}, {}
         for r in b["results"]:
             ops.setdefault(r["op"], {s: 0 for s in STATUSES})[r["status"]] += 1
             paths.setdefault(r["op"], set()).add(r["path"])
         for op, c in ops.items():
-            lines.append(f"{b['label'][:34]:<34} {op:<20} " + " ".join(f"{c[s]:>6}" for s in STATUSES)
+            lines.append(f"{b['label']:<{bw}}  {op:<{ow}}  " + " ".join(f"{c[s]:>{widths[s]}}" for s in STATUSES)
                          + "  " + "+".join(sorted(paths[op])))
+    return lines
+
+
+def _first_line(text: str) -> str:
+    line = next((x.strip() for x in str(text or "").splitlines() if x.strip()), "")
+    return line or "(no reason given)"
+
+
+def _detail_lines(report: dict) -> list[str]:
+    """One line per result that is not PASS, naming the backend, op/case, path and the reason; a
+    backend whose every case was SKIPPED for one reason gets one line; a broken plugin one BROKEN line."""
+    from hal.conformance.reports import BROKEN_STATUSES
+    lines = []
+    for b in report["backends"]:
+        res = b["results"]
+        if b["status"] in BROKEN_STATUSES:
+            lines.append(f"BROKEN {b['backend']}: plugin {b['status']}: {_first_line(b['reason'])} "
+                         "(`hal backends --traceback` shows why)")
+            res = [r for r in res if r["status"] != "SKIPPED"]
+        skipped = [r for r in res if r["status"] == "SKIPPED"]
+        if skipped and len(skipped) == len(res) and len({r["reason"] for r in skipped}) == 1:
+            ops = ", ".join(dict.fromkeys(r["op"] for r in skipped))
+            lines.append(f"SKIPPED {b['backend']}: all {len(skipped)} cases ({ops}): "
+                         f"{_first_line(skipped[0]['reason'])}")
+            res = []
+        for r in res:
+            if r["status"] != "PASS":
+                lines.append(f"{r['status']} {b['backend']} {r['op']}/{r['case']} [{r['path']}]: "
+                             f"{_first_line(r['reason'])}")
+    return lines
+
+
+def _verdict_line(report: dict) -> str:
     s = report["summary"]
-    lines.append(("PASSED" if s["passed"] else "FAILED") + ": " +
-                 ", ".join(f"{k} {v}" for k, v in s["counts"].items() if v))
-    return "\n".join(lines)
+    line = ("PASSED" if s["passed"] else "FAILED") + ": " + ", ".join(f"{k} {v}" for k, v in s["counts"].items() if v)
+    if s.get("backends_broken"):
+        line += f"; broken plugins: {', '.join(s['backends_broken'])}"
+    return line
+
+
+_NEEDS_BACKEND = ("missing --backend NAME|all: say which backend to certify, e.g. `hal conformance --backend cpu` "
+                  "(also with --model or --golden); `hal backends` lists the names")
 
 
 @click.group(invoke_without_command=True)
@@ -54,7 +97,9 @@ def _summary_table(report: dict) -> str:
 @click.option("--level", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
               help="quick: tiny shapes (CI, interpreters, emulators); full: real model shapes (a GPU/NPU machine).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random case data.")
-@click.option("--report-dir", type=click.Path(file_okay=False), help="Write reports into this folder (atomically).")
+@click.option("--report-dir", type=click.Path(file_okay=False),
+              help="Write the reports into this folder as one set: DIR/BACKEND.run-*/conformance-BACKEND.* and "
+              "the pointer DIR/BACKEND.latest.json naming the latest complete set.")
 @click.option("--format", "formats", default="json,junit,md,html", show_default=True,
               help="Report formats, comma-separated: json, junit, md, html.")
 @click.option("--golden", "golden_dir", type=click.Path(exists=True, file_okay=False),
@@ -81,15 +126,24 @@ def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir,
     raised), UNSUPPORTED (the backend declares the op or case absent), SKIPPED (backend
     unavailable), NONDETERMINISTIC (the two runs differ bitwise), CORRUPT (a golden file is
     damaged). Paths: native, emulated, fallback (--fallback reference: the CPU reference ran
-    it), absent. Exit code 0 only when nothing FAILed, ERRORed or was CORRUPT (and every
-    --model passed); 3 when a named backend is unavailable; 2 for bad options; 4 for
-    unreadable golden vectors or an unknown model. Schema and details: docs/conformance.md.
+    it), absent. Every result that is not PASS is printed with its reason.
+
+    \b
+    Exit codes: 0 nothing FAILed, ERRORed or was CORRUPT, every --model passed, and (with
+    --backend all) no plugin is broken or incompatible; 1 otherwise; 2 usage error (no --backend,
+    bad options, or a missing optional extra: pip install 'hal[conformance]'); 3 a named backend
+    is unavailable; 4 unreadable golden vectors, an unknown model, or a report folder that
+    cannot be written (the results are printed first). Details: docs/conformance.md.
     """
     if ctx.invoked_subcommand is not None:
         return
     if not backend:
-        click.echo(ctx.get_help())
-        return
+        fail(_NEEDS_BACKEND, EXIT_USAGE, as_json=as_json)
+    if golden_dir and model:
+        fail("--golden and --model exclude each other: certify ops against golden vectors, or compare a model",
+             EXIT_USAGE, as_json=as_json)
+    if golden_dir:
+        require_extra("hal conformance --golden", ("onnx",), as_json=as_json)
     import hal
     from hal.conformance import environment, reports
     from hal.conformance.cases import catalog
@@ -100,6 +154,8 @@ def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir,
     if bad:
         raise click.BadParameter(f"unknown format(s) {', '.join(bad)}; choose from {', '.join(reports.FORMATS)}",
                                  param_hint="--format")
+    if report_dir and not fmts:
+        raise click.BadParameter(f"no format given; choose from {', '.join(reports.FORMATS)}", param_hint="--format")
     op_list = _split(ops)
     if op_list:
         unknown = [o for o in op_list if o not in hal.CONTRACT]
@@ -122,7 +178,10 @@ def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir,
     runs, models, kind = [], [], "ops"
     if model:
         kind = "model"
-        from hal.models.conformance import compare_model
+        try:
+            from hal.models.conformance import compare_model
+        except ImportError as exc:
+            missing_module_exit(exc, "hal conformance --model", as_json=as_json)
         for name in names:
             try:
                 models.append(compare_model(model, name, seed=seed))
@@ -132,7 +191,10 @@ def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir,
                 fail(f"model {model!r}: {exc}", EXIT_INPUT, as_json=as_json)
     elif golden_dir:
         kind = "golden"
-        from hal.conformance.golden import CorruptVector, certify_golden, read_manifest
+        try:
+            from hal.conformance.golden import CorruptVector, certify_golden, read_manifest
+        except ImportError as exc:
+            missing_module_exit(exc, "hal conformance --golden", as_json=as_json)
         try:
             total = len([e for e in read_manifest(golden_dir)["cases"] if not op_list or e["op"] in op_list])
         except CorruptVector as exc:
@@ -148,17 +210,35 @@ def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir,
             runs.append(certify(name, level=level, seed=seed, cases=cases, fallback=fallback, progress=prog))
             prog.close()
     report = reports.build_report(runs, environment=env, kind=kind, level=level, golden_dir=golden_dir, models=models)
-    paths = reports.write_reports(report, report_dir, fmts) if report_dir else {}
+    paths, pointer, write_error = {}, None, None
+    if report_dir:
+        key = reports.report_key(report, backend)
+        try:
+            paths = reports.write_reports(report, report_dir, fmts, key=key)
+            pointer = str(reports.pointer_path(report_dir, key))
+        except OSError as exc:
+            write_error = (f"cannot write reports into {report_dir}: {exc.strerror or exc}"
+                           + (f" ({exc.filename})" if getattr(exc, "filename", None) else "")
+                           + "; the results are above, nothing was written")
     if as_json:
-        emit_json({**report, "report_files": paths})
+        emit_json({**report, "report_files": paths, "report_pointer": pointer, "report_error": write_error})
     else:
         if runs:
-            click.echo(_summary_table(report))
+            for line in _summary_table(report):
+                click.echo(line)
+        for line in _detail_lines(report):
+            click.echo(line)
         for m in models:
             click.echo(f"model {m['model']} on {m['label']}: {'PASS' if m['passed'] else 'FAIL'}: "
                        + reports._model_line(m))
+        click.echo(_verdict_line(report))
         for fmt, path in paths.items():
             click.echo(f"{fmt} report: {path}")
+        if pointer:
+            click.echo(f"latest-set pointer: {pointer}")
+    if write_error:
+        click.echo(f"hal: error: {write_error}", err=True)
+        sys.exit(EXIT_INPUT)
     if not report["summary"]["passed"]:
         sys.exit(EXIT_FAILED)
 
@@ -178,10 +258,14 @@ def export(out_dir, level, ops, seed, as_json):
     Then the exported ONNX models run on onnxruntime (CPU) and are compared with the reference:
     an independent check of the reference itself; exit 1 if it disagrees.
     """
+    require_extra("hal conformance export", ("onnx", "onnxruntime"), as_json=as_json)
     import hal
     from hal.conformance.cases import catalog
-    from hal.conformance.golden import export as do_export
-    from hal.conformance.onnx_check import check_exported
+    try:
+        from hal.conformance.golden import export as do_export
+        from hal.conformance.onnx_check import check_exported
+    except ImportError as exc:
+        missing_module_exit(exc, "hal conformance export", as_json=as_json)
     op_list = _split(ops)
     unknown = [o for o in op_list or [] if o not in hal.CONTRACT]
     if unknown:
@@ -189,6 +273,10 @@ def export(out_dir, level, ops, seed, as_json):
     prog = _Progress(len(catalog(level, op_list)), "export", not as_json and sys.stderr.isatty())
     try:
         manifest = do_export(out_dir, level=level, ops=op_list, seed=seed, progress=prog)
+    except OSError as exc:
+        prog.close()
+        fail(f"cannot write golden vectors into {out_dir}: {exc.strerror or exc}"
+             + (f" ({exc.filename})" if getattr(exc, "filename", None) else ""), EXIT_INPUT, as_json=as_json)
     finally:
         prog.close()
     check = check_exported(out_dir, op_list)

@@ -28,7 +28,7 @@ def collect() -> dict:
             versions[pkg] = None
     backends = [r.to_dict() for r in hal.list_backends()]
     try:
-        from hal.runtime import resolve
+        from hal.binding import resolve
         auto = resolve("auto").name
         auto_error = None
     except hal.BackendUnavailable as exc:

@@ -1,11 +1,13 @@
 """``hal run``: generate with a model on a backend and show who ran what."""
 from __future__ import annotations
 
+import math
+import os
 import sys
 
 import click
 
-from hal.cli import EXIT_BACKEND, EXIT_INPUT
+from hal.cli import EXIT_BACKEND, EXIT_INPUT, EXIT_USAGE
 from hal.commands._common import emit_json, fail
 
 
@@ -18,21 +20,48 @@ def _parse_ids(text: str) -> list[list[int]]:
                                  param_hint="--prompt-ids") from exc
 
 
+def _finite(ctx, param, value):
+    """click callback: refuse NaN and infinities, which FloatRange lets through (NaN compares false)."""
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"expected a finite number, got {value}")
+    return value
+
+
+def _logits_target(ctx, param, value):
+    """click callback: --logits-out must name a file in an existing, writable folder; checked
+    before anything is loaded or generated, so a bad path costs nothing and writes nothing."""
+    if value is None:
+        return None
+    folder = os.path.dirname(os.path.abspath(value))
+    if not os.path.isdir(folder):
+        raise click.BadParameter(f"folder {folder!r} does not exist", param=param)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"folder {folder!r} is not writable", param=param)
+    return value
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 @click.command()
 @click.option("--backend", "-b", default="auto", show_default=True, help="Backend name, or auto (best available).")
 @click.option("--model", "-m", "model_name", default="tiny-glm5", show_default=True,
               help="Built-in model (tiny-glm5, tiny-deepseek-v32, tiny-glm45) or a Hugging Face model folder.")
-@click.option("--prompt", "prompts", multiple=True, help="Prompt text (needs the folder's tokenizer.json); repeatable.")
+@click.option("--prompt", "prompts", multiple=True,
+              help="Prompt text (built-in models: their small tokenizer; a folder: its tokenizer.json); repeatable.")
 @click.option("--prompt-ids", "prompt_ids", help="Token ids, e.g. 1,2,3; several prompts: '1,2,3;4,5'.")
 @click.option("--max-new-tokens", default=16, show_default=True, type=click.IntRange(1))
-@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), help="0 = greedy.")
-@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--temperature", default=0.0, show_default=True, type=click.FloatRange(0), callback=_finite,
+              help="0 = greedy.")
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0, 1, min_open=True), callback=_finite)
 @click.option("--seed", default=0, show_default=True, help="Sampling seed.")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16"]), default="float32", show_default=True)
 @click.option("--quantize", type=click.Choice(["fp8"]), default=None, help="Quantize weights to 128x128 block FP8 on load.")
 @click.option("--mla-form", type=click.Choice(["auto", "absorbed", "expanded"]), default="auto", show_default=True,
               help="MLA models: auto = expanded prefill + absorbed decode; absorbed / expanded force one form.")
-@click.option("--logits-out", type=click.Path(dir_okay=False), help="Write the prompt's prefill logits [B, S, vocab] (.npy).")
+@click.option("--logits-out", type=click.Path(dir_okay=False), callback=_logits_target,
+              help="Write the prompt's prefill logits [B, S, vocab] (.npy) into an existing folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def run(backend, model_name, prompts, prompt_ids, max_new_tokens, temperature, top_p, seed, dtype, quantize, mla_form,
         logits_out, as_json):
@@ -46,37 +75,44 @@ def run(backend, model_name, prompts, prompt_ids, max_new_tokens, temperature, t
 
     The plan lists every contract op with the backend that ran it, its path (native / emulated /
     fallback), how many calls and how long. Built-in models have random weights: their tokens are
-    meaningless, their computation is the real architecture's. Exit codes: 0 ok, 2 bad option,
-    3 backend unavailable, 4 bad model folder, checkpoint or prompt.
+    meaningless, their computation is the real architecture's (they ship a small byte-level
+    tokenizer, so --prompt TEXT works). Exit codes: 0 ok, 2 bad option (NaN temperature,
+    --logits-out into a missing folder: checked before loading), 3 backend unavailable, 4 bad
+    model folder, checkpoint, tokenizer.json or prompt (one line, nothing written).
     """
     import numpy as np
 
     import hal
     import hal.models as M
+    if prompts and prompt_ids is not None:
+        raise click.UsageError("give --prompt or --prompt-ids, not both")
+    ids = _parse_ids(prompt_ids) if prompt_ids is not None else None
     try:
         model = M.load(model_name, backend, dtype=dtype, quantize=quantize, show_progress=not as_json,
                        mla_form=mla_form)
     except hal.BackendUnavailable as exc:
         fail(str(exc), EXIT_BACKEND, as_json=as_json, backend=exc.backend, status=exc.status, reason=exc.reason)
-    except (M.CheckpointError, M.ModelConfigError, FileNotFoundError) as exc:
-        fail(str(exc), EXIT_INPUT, as_json=as_json)
-    if prompts and prompt_ids:
-        raise click.UsageError("give --prompt or --prompt-ids, not both")
+    except (M.CheckpointError, M.ModelConfigError, OSError) as exc:
+        fail(_one_line(exc), EXIT_INPUT, as_json=as_json)
     if prompts:
         if model.tokenizer is None:
-            fail(f"model {model_name!r} has no tokenizer.json: use --prompt-ids", EXIT_INPUT, as_json=as_json)
+            why = "the tokenizers package is not installed (pip install 'hal[models]')" \
+                if model_name in M.BUILTIN else "it has no tokenizer.json"
+            fail(f"model {model_name!r} cannot encode --prompt: {why}; use --prompt-ids", EXIT_INPUT, as_json=as_json)
         ids = [model.tokenizer.encode(p).ids for p in prompts]
-    elif prompt_ids:
-        ids = _parse_ids(prompt_ids)
-    else:
+    elif ids is None:
         ids = [list(M.DEFAULT_PROMPT_IDS)]
     try:
         res = M.generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     except M.PromptError as exc:
-        fail(str(exc), EXIT_INPUT, as_json=as_json)
+        fail(_one_line(exc), EXIT_INPUT, as_json=as_json)
     if logits_out:
-        np.save(logits_out, res.prefill_logits.numpy())
+        try:
+            np.save(logits_out, res.prefill_logits.numpy())
+        except OSError as exc:
+            fail(f"--logits-out {logits_out}: {_one_line(exc)}", EXIT_USAGE, as_json=as_json)
     texts = [model.tokenizer.decode(t) for t in res.tokens] if model.tokenizer is not None else None
+    prompt_texts = [model.tokenizer.decode(p) for p in res.prompts] if model.tokenizer is not None else None
     rt = model.rt
     out = {"model": model.source, "model_type": model.config.model_type, "backend": rt.backend_name, "label": rt.label,
            "dtype": dtype, "quantize": quantize, "mla_form": mla_form, "prompts": res.prompts, "tokens": res.tokens, "text": texts,
@@ -88,8 +124,10 @@ def run(backend, model_name, prompts, prompt_ids, max_new_tokens, temperature, t
     click.echo(f"model {model.source} ({model.config.model_type}, {dtype}{', fp8 weights' if quantize else ''}) "
                f"on {rt.label}")
     for b, toks in enumerate(res.tokens):
-        click.echo(f"[{b}] prompt {res.prompts[b]}")
-        click.echo(f"[{b}] output {texts[b]!r}" if texts else f"[{b}] output ids {toks}")
+        click.echo(f"[{b}] prompt ids {res.prompts[b]}" + (f" = {prompt_texts[b]!r}" if prompt_texts else ""))
+        click.echo(f"[{b}] output ids {toks}")
+        if texts:
+            click.echo(f"[{b}] output text {texts[b]!r}")
     click.echo(f"prefill {res.prefill_tokens_per_s:.1f} tok/s ({res.prefill_s * 1e3:.1f} ms), "
                f"decode {res.decode_tokens_per_s:.1f} tok/s ({res.decode_s * 1e3:.1f} ms)")
     click.echo("\nruntime plan:\n" + rt.plan_table(with_stats=True))

@@ -9,6 +9,15 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 FP8 = torch.float8_e4m3fn
 INT_DTYPES = (torch.int32, torch.int64)
 
+# Upper bounds on integer arguments that size allocations. Each is far above what any supported
+# model uses (256 experts, top-8 routing, top-2048 keys, 128-wide groups and blocks, segments
+# aligned to at most 128 rows), and low enough that a typo (2**40) is a ContractError naming the
+# argument instead of an allocator error or an out-of-memory kill.
+MAX_EXPERTS = 2 ** 16        # num_experts, experts in a plan
+MAX_TOP_K = 2 ** 16          # top_k of the indexer (or L, when L is larger), plan.top_k
+MAX_GROUP = 2 ** 16          # fp8 group_size and block
+MAX_ALIGN = 2 ** 10          # dispatch segment alignment
+
 
 def _dt(d: torch.dtype) -> str:
     return str(d).replace("torch.", "")

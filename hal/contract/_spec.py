@@ -1,12 +1,14 @@
 """The machinery behind contract op specs: :class:`OpSpec`, tolerance policies, checked mode."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import inspect
 import os
 from typing import Callable, Mapping, Optional
 
-CONTRACT_VERSION = "1.0"
+from hal._version import CONTRACT_VERSION  # noqa: E402,F401  (one home for the number)
 
 
 # --- tolerance policies (read by the conformance suite; SPEC.md "Conformance metrics") --------
@@ -50,36 +52,88 @@ Budget = FloatBudget | SelectionBudget | ExactBudget
 # --- checked mode ------------------------------------------------------------------------------
 
 _CHECKED = os.environ.get("HAL_CHECKED", "") not in ("", "0")
+_CHECKED_HERE: contextvars.ContextVar = contextvars.ContextVar("hal_checked", default=None)
 
 
 def checked_mode() -> bool:
-    """Whether data-dependent checks (index ranges, finite scales, duplicate indices) also run on
-    accelerator tensors. They always run on CPU tensors, where they are cheap; on a device they
-    need a host sync, so they run only when ``HAL_CHECKED=1`` or :func:`set_checked` turned on."""
-    return _CHECKED
+    """Whether checked mode is on here: a runtime built with ``checked=True/False`` decides for
+    its own calls; otherwise the process default (``HAL_CHECKED=1`` or :func:`set_checked`).
+    In checked mode data-dependent checks (index ranges, finite scales, duplicate indices) also
+    run on accelerator tensors (they always run on CPU tensors, where they are cheap; on a device
+    they need a host sync), and bound ops check every output's shape and dtype."""
+    here = _CHECKED_HERE.get()
+    return _CHECKED if here is None else here
 
 
 def set_checked(on: bool) -> None:
-    """Turn checked mode on or off for this process (see :func:`checked_mode`)."""
+    """Set the process default of checked mode (see :func:`checked_mode`)."""
     global _CHECKED
     _CHECKED = bool(on)
 
 
+@contextlib.contextmanager
+def checked(on: Optional[bool]):
+    """Within the block, checked mode is ``on`` (None: the process default)."""
+    token = _CHECKED_HERE.set(on)
+    try:
+        yield
+    finally:
+        _CHECKED_HERE.reset(token)
+
+
 def data_checks(t) -> bool:
-    """True when data-dependent checks should run on tensor ``t`` (CPU, or checked mode)."""
-    return _CHECKED or t.device.type == "cpu"
+    """True when data-dependent checks should run on tensor ``t`` (CPU, or checked mode; never
+    on meta tensors, which hold no data)."""
+    dev = t.device.type
+    return dev != "meta" and (dev == "cpu" or checked_mode())
 
 
 # --- the spec object ---------------------------------------------------------------------------
 
 @dataclasses.dataclass(frozen=True)
-class OpSpec:
-    """One contract op: name, family, signature, docstring, validation and tolerance policy.
+class TensorMeta:
+    """What one output tensor of an op call looks like: its shape (``None`` for a data-dependent
+    extent, e.g. the row count of a DispatchPlan) and dtype. Produced by an op's ``meta``."""
 
-    ``validate`` has the op's exact signature; it raises :class:`hal.ContractError` or returns
-    None. ``outputs`` names each output with its budget, in return order (for ops returning a
-    DispatchPlan: one entry per plan field). ``summary`` is the one-line semantics ``hal ops``
-    prints.
+    shape: tuple
+    dtype: "torch.dtype"
+
+
+class Args:
+    """An op call's arguments bound to the op's parameters, defaults applied (``a.top_k``)."""
+
+    def __init__(self, values: Mapping):
+        self.__dict__.update(values)
+
+    def __repr__(self) -> str:
+        return f"Args({self.__dict__})"
+
+
+RETURNS = ("tensor", "tuple", "plan")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSpec:
+    """One contract op, whole: everything else (``hal.ops``, bound runtime ops, ``torch.ops.hal``
+    and their fakes, the overhead benchmark's inputs, the conformance judge's output handling,
+    ``docs/contract.md``) is generated from these fields.
+
+    - ``validate``: a function with the op's exact signature and defaults and, as its docstring,
+      the op's documentation (shapes, dtypes, semantics, errors); it raises
+      :class:`hal.ContractError` or returns None.
+    - ``outputs``: output name -> budget, in return order (for an op returning a
+      :class:`DispatchPlan`, one entry per plan tensor).
+    - ``meta(a: Args) -> tuple[TensorMeta, ...]``: the output shapes and dtypes of a call, in
+      ``outputs`` order (fewer when an option drops an output, e.g. ``return_lse=False``).
+    - ``sample(g: torch.Generator) -> (args, kwargs)``: small valid CPU arguments (never zeros).
+    - ``returns``: "tensor", "tuple" or "plan" (a :class:`DispatchPlan`).
+    - ``torch_fixed``: parameters the ``torch.library`` op fixes (omitted from its schema), e.g.
+      ``{"return_lse": True}``: torch's schema language needs one output arity per op.
+    - ``selection_scores``: for ops with a selection output, ``"module:function"`` computing the
+      float64 scores and the selectable mask the judge ranks by (resolved lazily).
+    - ``paired``: output -> selection output whose slots it follows (``weights`` follow
+      ``expert_ids``): the judge reorders near-tie swaps before comparing.
+    - ``summary``: the one line ``hal ops`` prints.
     """
 
     name: str
@@ -88,6 +142,12 @@ class OpSpec:
     validate: Callable
     outputs: Mapping[str, Budget]
     tensor_args: tuple[str, ...]
+    meta: Callable
+    sample: Callable
+    returns: str = "tensor"
+    torch_fixed: Mapping[str, object] = dataclasses.field(default_factory=dict)
+    selection_scores: Optional[str] = None
+    paired: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def signature(self) -> inspect.Signature:
@@ -100,9 +160,33 @@ class OpSpec:
     def signature_str(self) -> str:
         return f"{self.name}{self.signature}"
 
+    def bind(self, *args, **kwargs) -> Args:
+        """The call's arguments by parameter name, defaults applied (TypeError if they do not fit)."""
+        bound = self.signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        return Args(bound.arguments)
 
-def op_spec(*, family: str, summary: str, outputs: Mapping[str, Budget]):
+    def expected_outputs(self, *args, **kwargs) -> list[tuple[str, tuple, "torch.dtype"]]:
+        """``[(output name, shape, dtype)]`` the call must return, flattened in ``outputs`` order
+        (a DispatchPlan as its four tensors); ``None`` in a shape marks a data-dependent extent."""
+        metas = self.meta(self.bind(*args, **kwargs))
+        return [(name, tuple(m.shape), m.dtype) for name, m in zip(self.outputs, metas)]
+
+    def selection_score_fn(self) -> Optional[Callable]:
+        """The function named by ``selection_scores`` (imported on first use), or None."""
+        if self.selection_scores is None:
+            return None
+        import importlib
+        module, attr = self.selection_scores.split(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+def op_spec(*, family: str, summary: str, outputs: Mapping[str, Budget], meta: Callable, sample: Callable,
+            returns: str = "tensor", torch_fixed: Optional[Mapping] = None, selection_scores: Optional[str] = None,
+            paired: Optional[Mapping[str, str]] = None):
     """Decorator: turns a validation function (the op's signature + docstring) into an OpSpec."""
+    if returns not in RETURNS:
+        raise ValueError(f"op_spec: returns must be one of {RETURNS}, got {returns!r}")
 
     def wrap(fn: Callable) -> OpSpec:
         sig = inspect.signature(fn)
@@ -110,6 +194,7 @@ def op_spec(*, family: str, summary: str, outputs: Mapping[str, Budget]):
             n for n, p in sig.parameters.items()
             if "Tensor" in str(p.annotation) or "DispatchPlan" in str(p.annotation)
         )
-        return OpSpec(fn.__name__, family, summary, fn, dict(outputs), tensor_args)
+        return OpSpec(fn.__name__, family, summary, fn, dict(outputs), tensor_args, meta, sample, returns,
+                      dict(torch_fixed or {}), selection_scores, dict(paired or {}))
 
     return wrap

@@ -6,14 +6,19 @@ from typing import Optional
 import torch
 
 from hal.contract import _checks as c
-from hal.contract._spec import FloatBudget, SelectionBudget, checked_mode, data_checks, op_spec
+from hal.contract import _samples as smp
+from hal.contract._spec import FloatBudget, SelectionBudget, TensorMeta, checked_mode, data_checks, op_spec
 from hal.errors import ContractError
 
 INDEXER_DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float8_e4m3fn)
 
 
 @op_spec(family="dsa", summary="lightning indexer: score[b,t,s] = sum_h w[b,t,h] * relu(q[b,t,h].k[b,s]) -> top-k "
-         "visible key indices [B,S,top_k] int32, -1 tail", outputs={"indices": SelectionBudget()})
+         "visible key indices [B,S,top_k] int32, -1 tail", outputs={"indices": SelectionBudget()},
+         meta=lambda a: (TensorMeta((a.q.shape[0], a.q.shape[1], a.top_k), torch.int32),),
+         selection_scores="hal.conformance.scores:indexer_scores",
+         sample=lambda g: ((smp.rnd(g, 2, 4, 2, 16), smp.rnd(g, 2, 8, 16), torch.rand(2, 4, 2, generator=g)),
+                           dict(top_k=4, q_offset=torch.tensor([4, 2]), k_lengths=torch.tensor([8, 6]))))
 def lightning_indexer(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, *, top_k: int, causal: bool = True,
                       q_offset: Optional[torch.Tensor] = None, k_lengths: Optional[torch.Tensor] = None,
                       q_scale: Optional[torch.Tensor] = None, k_scale: Optional[torch.Tensor] = None):
@@ -31,7 +36,8 @@ def lightning_indexer(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, *
     Returns int32 [B, S, top_k]: the visible keys with the highest scores, descending, ties toward
     the lower index (a NaN score ranks below every number, -inf included, but its key stays
     visible and selectable); when fewer than top_k keys are visible the tail is -1 (valid entries
-    first). top_k may exceed L.
+    first). top_k may exceed L. (DeepSeek-V3.2's Indexer returns ``min(top_k, L)`` columns and
+    adds its causal mask as -inf, so invisible keys fill its tail where HAL writes -1.)
     """
     op = "lightning_indexer"
     c.tensor(op, "q", q, ndim=4, dtypes=INDEXER_DTYPES, dims="[B, S, Hi, D]")
@@ -42,7 +48,8 @@ def lightning_indexer(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, *
     L = k.shape[1]
     c.tensor(op, "weights", weights, ndim=3, dtypes=(torch.float32,), dims="[B, S, Hi]")
     c.shape(op, "weights", weights, (B, S, Hi), "[B, S, Hi]")
-    c.integer(op, "top_k", top_k, lo=1)
+    top_k_max = max(L, c.MAX_TOP_K)
+    c.integer(op, "top_k", top_k, lo=1, hi=top_k_max, what=f"1 <= top_k <= {top_k_max} (the larger of L={L} and {c.MAX_TOP_K})")
     c.boolean(op, "causal", causal)
     for name, t in (("q_offset", q_offset), ("k_lengths", k_lengths)):
         if t is not None:
@@ -65,9 +72,18 @@ def lightning_indexer(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, *
             c.finite_positive_scales(op, name, t)
 
 
+def _attention_meta(a):
+    B, S, Hq, _ = a.q.shape
+    out = TensorMeta((B, S, Hq, a.v.shape[3]), a.q.dtype)
+    return (out, TensorMeta((B, S, Hq), torch.float32)) if a.return_lse else (out,)
+
+
 @op_spec(family="dsa", summary="attention of each query over its selected keys only (fp32 softmax, GQA/MQA/MLA, "
          "-1 slots skipped) -> out [B,S,Hq,Dv] (+ lse [B,S,Hq])",
-         outputs={"out": FloatBudget(abs_floor=1e-5), "lse": FloatBudget(abs_floor=1e-5)})
+         outputs={"out": FloatBudget(abs_floor=1e-5), "lse": FloatBudget(abs_floor=1e-5)},
+         returns="tuple", torch_fixed={"return_lse": True}, meta=_attention_meta,
+         sample=lambda g: ((smp.rnd(g, 1, 2, 2, 16), smp.rnd(g, 1, 8, 1, 16), smp.rnd(g, 1, 8, 1, 16),
+                            torch.tensor([[[0, 1, -1], [2, 3, 4]]], dtype=torch.int32)), dict(scale=0.25, return_lse=True)))
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices: torch.Tensor, *, scale: float,
                      return_lse: bool = False):
     """Sparse attention over the keys listed in ``indices`` (shared by all heads of a query).
@@ -77,8 +93,11 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, indices:
     indices [B, S, top_k] int32, -1 = unused slot.
     ``out[b,t,h] = softmax_j(scale * q[b,t,h] . k[b, idx_j, h // (Hq/Hk)]) @ v[b, idx_j, ...]``
     over the valid slots only, softmax in fp32; ``lse`` [B, S, Hq] fp32 natural-log logsumexp of
-    the scaled scores. Unused (-1) slots contribute nothing, not even a NaN from a key they do not
-    select. A query with no valid slot: out = 0, lse = -inf. L = 0 is legal (every slot -1).
+    the scaled scores. Unused (-1) slots contribute nothing and read no key or value row: NaN or
+    Inf in rows no valid slot selects never reaches the output (FlashMLA's tests fill such rows
+    with NaN). A query with no valid slot: out = 0, lse = -inf (FlashMLA's reference reports
+    +inf there). Only -1 marks an unused slot (FlashMLA also skips any index outside [0, L)).
+    L = 0 is legal (every slot -1).
     Returns out [B, S, Hq, Dv] in q's dtype, or (out, lse) when return_lse.
     Errors: indices >= L or < -1 (checked on CPU tensors, and on devices in checked mode);
     duplicate indices within a query are reported in checked mode (``HAL_CHECKED=1``).

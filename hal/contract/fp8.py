@@ -6,7 +6,8 @@ from typing import Optional
 import torch
 
 from hal.contract import _checks as c
-from hal.contract._spec import FloatBudget, data_checks, op_spec
+from hal.contract import _samples as smp
+from hal.contract._spec import FloatBudget, TensorMeta, data_checks, op_spec
 from hal.errors import ContractError
 
 FP8_MAX = 448.0
@@ -17,15 +18,23 @@ OUT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 @op_spec(family="fp8", summary="per-token, per-128-channel e4m3 quantization: s = amax/448 (fp32 or ue8m0), "
          "q = clamp(x/s) -> (q, scale)",
          outputs={"q": FloatBudget(multiple=1.0, abs_floor=0.0, calc_diff_floor=0.0, kind="fp8"),
-                  "scale": FloatBudget(multiple=1.0, abs_floor=0.0, calc_diff_floor=1e-12)})
+                  "scale": FloatBudget(multiple=1.0, abs_floor=0.0, calc_diff_floor=1e-12)},
+         returns="tuple",
+         meta=lambda a: (TensorMeta(tuple(a.x.shape), torch.float8_e4m3fn),
+                         TensorMeta((*a.x.shape[:-1], c.ceil_div(a.x.shape[-1], a.group_size)), torch.float32)),
+         sample=lambda g: ((smp.rnd(g, 4, 130),), dict(scale_format="ue8m0")))
 def fp8_quantize(x: torch.Tensor, *, group_size: int = 128, scale_format: str = "fp32"):
     """Quantize activations to float8_e4m3fn, one scale per token per group of channels.
 
     x [..., K] bf16/fp16/fp32. For each group g of ``group_size`` channels along the last dim
     (a last partial group is legal): ``s = amax(|x_g|).clamp_min(1e-4) / 448`` in fp32;
-    ``scale_format="ue8m0"`` rounds s up to the smallest power of two >= s (``2 ** ceil(log2 s)``
-    evaluated exactly: an fp32 ``log2`` rounds ``log2(2^n * (1 + 2^-23))`` down to n);
-    ``q = clamp(x_g / s, -448, 448).to(float8_e4m3fn)`` (round to nearest even).
+    ``scale_format="ue8m0"`` rounds s up to the smallest power of two >= s, read off the fp32
+    bits as DeepGEMM's ``ceil_to_ue8m0`` does: biased exponent of s, plus 1 when its mantissa is
+    not zero, clamped to [2^-126, 2^127] (not ``exp2(ceil(log2 s))`` in fp32, whose ``log2``
+    rounds ``log2(2^n * (1 + 2^-23))`` down to n); a non-finite s stays non-finite (DeepGEMM
+    clamps it to 2^127). ``q = clamp(x_g / s, -448, 448).to(float8_e4m3fn)`` (a true division,
+    round to nearest even; DeepGEMM multiplies by ``1 / s``: one code apart in about 0.05% of
+    values with fp32 scales, never with ue8m0 scales).
     Returns q [..., K] float8_e4m3fn and scale [..., ceil(K / group_size)] fp32.
     NaN in a group makes the whole group NaN (and its scale NaN); an Inf makes its element NaN and
     the group's other elements 0 (scale Inf). Values beyond 448 are fine: the scale covers them
@@ -34,18 +43,23 @@ def fp8_quantize(x: torch.Tensor, *, group_size: int = 128, scale_format: str = 
     """
     op = "fp8_quantize"
     c.tensor(op, "x", x, min_ndim=1, dtypes=c.FLOAT_DTYPES, dims="[..., K]")
-    c.integer(op, "group_size", group_size, lo=1)
+    c.integer(op, "group_size", group_size, lo=1, hi=c.MAX_GROUP)
     c.choice(op, "scale_format", scale_format, SCALE_FORMATS)
 
 
 @op_spec(family="fp8", summary="128x128-block e4m3 weight quantization [N,K] -> (q [N,K], scale [ceil(N/128), ceil(K/128)])",
          outputs={"q": FloatBudget(multiple=1.0, abs_floor=0.0, calc_diff_floor=0.0, kind="fp8"),
-                  "scale": FloatBudget(multiple=1.0, abs_floor=0.0, calc_diff_floor=1e-12)})
+                  "scale": FloatBudget(multiple=1.0, abs_floor=0.0, calc_diff_floor=1e-12)},
+         returns="tuple",
+         meta=lambda a: (TensorMeta(tuple(a.w.shape), torch.float8_e4m3fn),
+                         TensorMeta((c.ceil_div(a.w.shape[0], a.block), c.ceil_div(a.w.shape[1], a.block)), torch.float32)),
+         sample=lambda g: ((smp.rnd(g, 130, 128),), {}))
 def fp8_quantize_weight(w: torch.Tensor, *, block: int = 128):
     """Quantize a weight matrix to float8_e4m3fn with one fp32 scale per ``block x block`` tile.
 
-    w [N, K] bf16/fp16/fp32 -> q [N, K] float8_e4m3fn, scale [ceil(N/block), ceil(K/block)] fp32
-    (the checkpoint's ``weight_scale_inv``: dequant = q * scale[n // block, k // block]).
+    w [N, K] bf16/fp16/fp32, 1 <= block <= 65536 -> q [N, K] float8_e4m3fn, scale
+    [ceil(N/block), ceil(K/block)] fp32 (the checkpoint's ``weight_scale_inv``: dequant =
+    q * scale[n // block, k // block]).
     Per tile: ``s = amax(|w_tile|).clamp_min(1e-4) / 448``, ``q = clamp(w / s, -448, 448)``.
     Partial tiles (N or K not multiples of block, e.g. 576 rows) use the same rule: element (n, k)
     always belongs to tile (n // block, k // block). Non-finite values behave as in
@@ -54,7 +68,7 @@ def fp8_quantize_weight(w: torch.Tensor, *, block: int = 128):
     """
     op = "fp8_quantize_weight"
     c.tensor(op, "w", w, ndim=2, dtypes=c.FLOAT_DTYPES, dims="[N, K]")
-    c.integer(op, "block", block, lo=1)
+    c.integer(op, "block", block, lo=1, hi=c.MAX_GROUP)
 
 
 def _gemm_operands(op, a, a_scale, b, b_scale, bias):
@@ -81,7 +95,10 @@ def _gemm_operands(op, a, a_scale, b, b_scale, bias):
 
 
 @op_spec(family="fp8", summary="y = A @ B.T with 1x128 (A) and 128x128 (B) block scales, fp32 accumulate (+bias) -> [M, N]",
-         outputs={"out": FloatBudget(abs_floor=1e-5, calc_diff_max=1e-5)})
+         outputs={"out": FloatBudget(abs_floor=1e-5, calc_diff_max=1e-5)},
+         meta=lambda a: (TensorMeta((a.a.shape[0], a.b.shape[0]), a.out_dtype),),
+         sample=lambda g: ((smp.fp8_codes(g, 4, 256), smp.scales(g, 4, 2), smp.fp8_codes(g, 16, 256), smp.scales(g, 1, 2)),
+                           dict(bias=smp.rnd(g, 16))))
 def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: torch.Tensor, *,
              out_dtype: torch.dtype = torch.bfloat16, bias: Optional[torch.Tensor] = None):
     """Block-scaled FP8 GEMM ("NT": y = A @ B.T), DeepSeek-V3 / DeepGEMM recipe.
@@ -99,7 +116,10 @@ def fp8_gemm(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_scale: t
 
 
 @op_spec(family="fp8", summary="fp8_gemm(*fp8_quantize(x), w_q, w_scale) for x [..., K] -> [..., N] in x's dtype",
-         outputs={"out": FloatBudget(abs_floor=1e-5)})
+         outputs={"out": FloatBudget(abs_floor=1e-5)},
+         meta=lambda a: (TensorMeta((*a.x.shape[:-1], a.w_q.shape[0]), a.x.dtype),),
+         sample=lambda g: ((smp.rnd(g, 2, 3, 256, dtype=torch.bfloat16), smp.fp8_codes(g, 16, 256), smp.scales(g, 1, 2)),
+                           dict(bias=smp.rnd(g, 16, dtype=torch.bfloat16))))
 def fp8_linear(x: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor, *, bias: Optional[torch.Tensor] = None):
     """A linear layer with 128x128 block-scaled FP8 weights.
 

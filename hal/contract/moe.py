@@ -7,7 +7,8 @@ from typing import Optional
 import torch
 
 from hal.contract import _checks as c
-from hal.contract._spec import ExactBudget, FloatBudget, SelectionBudget, data_checks, op_spec
+from hal.contract import _samples as smp
+from hal.contract._spec import ExactBudget, FloatBudget, SelectionBudget, TensorMeta, data_checks, op_spec
 from hal.errors import ContractError
 
 SCORINGS = ("sigmoid", "softmax")
@@ -72,9 +73,21 @@ def _route_args(op, router_logits, top_k, scoring, correction_bias, n_group, top
     c.number(op, "scaling_factor", scaling_factor)
 
 
+def _sample_plan(g, T=4, k=2, E=4, H=16) -> DispatchPlan:
+    return DispatchPlan(*smp.plan_fields(g, T, k, E, H), num_tokens=T, top_k=k)
+
+
+def _route_meta(a):
+    T = a.router_logits.shape[0]
+    return TensorMeta((T, a.top_k), torch.float32), TensorMeta((T, a.top_k), torch.int32)
+
+
 @op_spec(family="moe", summary="router logits [T,E] -> top-k expert weights [T,k] fp32 and ids [T,k] int32 "
          "(sigmoid/softmax, correction bias, group-limited, renormalized, scaled)",
-         outputs={"weights": FloatBudget(abs_floor=1e-6), "expert_ids": SelectionBudget()})
+         outputs={"weights": FloatBudget(abs_floor=1e-6), "expert_ids": SelectionBudget()},
+         meta=_route_meta, returns="tuple", selection_scores="hal.conformance.scores:route_scores",
+         paired={"weights": "expert_ids"},
+         sample=lambda g: ((smp.rnd(g, 4, 8),), dict(top_k=2, correction_bias=smp.rnd(g, 8), n_group=2, topk_group=1)))
 def moe_route(router_logits: torch.Tensor, *, top_k: int, scoring: str = "sigmoid",
               correction_bias: Optional[torch.Tensor] = None, n_group: int = 1, topk_group: int = 1,
               renormalize: bool = True, scaling_factor: float = 1.0):
@@ -82,11 +95,14 @@ def moe_route(router_logits: torch.Tensor, *, top_k: int, scoring: str = "sigmoi
 
     router_logits [T, E] fp32/bf16/fp16 (computed in fp32); correction_bias [E] or None.
     sigmoid: ``s = sigmoid(logits)``; softmax: ``s = softmax(logits, -1)``. Selection score
-    ``c = s + correction_bias`` (the bias only selects, it never weights). If ``n_group > 1``:
-    group score = sum of the top-2 ``c`` in each of the n_group equal groups (the top-1 when a
-    group holds one expert; a NaN counts as -inf there), the ``topk_group`` best groups are kept
-    (ties toward the lower group index) and the other groups' experts are never selected (as if
-    their score were -inf, but below every kept expert). ``ids = topk(c, top_k)`` over the kept
+    ``c = s + correction_bias`` (the bias only selects, it never weights). If ``n_group > 1``,
+    the experts form n_group equal consecutive groups and each group gets a score, as DeepSeek's
+    ``Gate`` does: without a correction_bias the group's maximum ``c`` (DeepSeek-V2's
+    group_limited_greedy), with one the sum of its two highest ``c`` (DeepSeek-V3 / V3.2, GLM;
+    the highest alone when a group holds one expert); a NaN counts as -inf there. The
+    ``topk_group`` best groups are kept (equal group scores: the lower group index wins) and the
+    other groups' experts are never selected (as if their score were -inf, but below every kept
+    expert). ``ids = topk(c, top_k)`` over the kept
     experts, ordered by descending ``c``, ties toward the lower expert index; ``w = s[ids]``; if
     renormalize ``w /= w.sum(-1) + 1e-20``; ``w *= scaling_factor``. A NaN selection score ranks
     below every number, -inf included (it is picked only when no kept expert with a number is
@@ -102,12 +118,16 @@ def moe_route(router_logits: torch.Tensor, *, top_k: int, scoring: str = "sigmoi
 @op_spec(family="moe", summary="permute token copies so each expert's rows are contiguous "
          "(stable by expert, token, slot; segments padded to align) -> DispatchPlan",
          outputs={"hidden": ExactBudget(), "tokens_per_expert": ExactBudget(), "offsets": ExactBudget(),
-                  "source": ExactBudget()})
+                  "source": ExactBudget()}, returns="plan",
+         meta=lambda a: (TensorMeta((None, a.hidden.shape[1]), a.hidden.dtype), TensorMeta((a.num_experts,), torch.int32),
+                         TensorMeta((a.num_experts + 1,), torch.int32), TensorMeta((None,), torch.int64)),
+         sample=lambda g: ((smp.rnd(g, 4, 16), torch.randint(-1, 4, (4, 2), generator=g, dtype=torch.int32), 4),
+                           dict(align=2)))
 def moe_dispatch(hidden: torch.Tensor, expert_ids: torch.Tensor, num_experts: int, *, align: int = 1):
     """Group token copies by expert.
 
     hidden [T, H] (any float dtype), expert_ids [T, k] int32/int64 with values in [0, E) or -1
-    ("no expert": produces no row), num_experts E >= 1, align >= 1.
+    ("no expert": produces no row), num_experts 1 <= E <= 65536, 1 <= align <= 1024.
     Rows are ordered by expert, then token, then slot (stable). Each expert's segment is padded
     with zero rows to a multiple of ``align``. Returns a :class:`DispatchPlan` with hidden [N, H],
     tokens_per_expert [E] int32 (unpadded counts), offsets [E+1] int32 (padded segment starts),
@@ -119,8 +139,8 @@ def moe_dispatch(hidden: torch.Tensor, expert_ids: torch.Tensor, num_experts: in
     if expert_ids.shape[0] != hidden.shape[0]:
         raise ContractError(op, "expert_ids", f"T={hidden.shape[0]} rows (as hidden)", f"shape {tuple(expert_ids.shape)}")
     c.same_device(op, "hidden", hidden, expert_ids=expert_ids)
-    c.integer(op, "num_experts", num_experts, lo=1)
-    c.integer(op, "align", align, lo=1)
+    c.integer(op, "num_experts", num_experts, lo=1, hi=c.MAX_EXPERTS)
+    c.integer(op, "align", align, lo=1, hi=c.MAX_ALIGN)
     if data_checks(expert_ids):
         c.value_range(op, "expert_ids", expert_ids, -1, num_experts - 1, f"values in [0, {num_experts}) or -1")
 
@@ -136,20 +156,41 @@ def _plan(op: str, plan) -> None:
     c.tensor(op, "plan.source", plan.source, ndim=1, dtypes=(torch.int64,), dims="[N]")
     N = plan.hidden.shape[0]
     c.shape(op, "plan.source", plan.source, (N,), "[N] (rows of plan.hidden)")
+    if E > c.MAX_EXPERTS:
+        raise ContractError(op, "plan.tokens_per_expert", f"at most {c.MAX_EXPERTS} experts", f"shape {(E,)}")
     T = c.integer(op, "plan.num_tokens", plan.num_tokens, lo=0)
-    k = c.integer(op, "plan.top_k", plan.top_k, lo=0)
-    c.integer(op, "plan.align", plan.align, lo=1)
+    k = c.integer(op, "plan.top_k", plan.top_k, lo=0, hi=c.MAX_TOP_K)
+    align = c.integer(op, "plan.align", plan.align, lo=1, hi=c.MAX_ALIGN)
     c.same_device(op, "plan.hidden", plan.hidden, **{"plan.tokens_per_expert": plan.tokens_per_expert,
                                                      "plan.offsets": plan.offsets, "plan.source": plan.source})
     if data_checks(plan.offsets):
-        # a plan is bookkeeping the kernels trust: segment bounds and sources must be consistent
-        starts, counts = plan.offsets.tolist(), plan.tokens_per_expert.tolist()
-        if min(counts, default=0) < 0:
-            raise ContractError(op, "plan.tokens_per_expert", "counts >= 0", f"a count {min(counts)}")
-        if starts[0] != 0 or starts[-1] != N or any(n > b - a for a, b, n in zip(starts, starts[1:], counts)):
-            raise ContractError(op, "plan.offsets", f"segment starts from 0 to N={N}, each segment holding its "
-                                "tokens_per_expert rows (as moe_dispatch makes them)", starts[:9])
-        c.value_range(op, "plan.source", plan.source, -1, T * k - 1, f"values in [0, T*k={T * k}) or -1")
+        _plan_data(op, plan, E, N, T, k, align)
+
+
+def _plan_data(op: str, plan, E: int, N: int, T: int, k: int, align: int) -> None:
+    """A plan is bookkeeping the kernels trust (they index with it): it must be exactly what
+    moe_dispatch makes. Segment e is ``offsets[e] .. offsets[e+1]``, ``ceil(counts[e] / align) *
+    align`` rows long; its first ``counts[e]`` rows hold token copies (``source`` in [0, T*k), each
+    copy at most once) and the rest are padding (``source == -1``)."""
+    counts, starts = plan.tokens_per_expert.long(), plan.offsets.long()
+    if E and int(counts.min()) < 0:
+        raise ContractError(op, "plan.tokens_per_expert", "counts >= 0", f"a count {int(counts.min())}")
+    padded = (counts + align - 1) // align * align
+    if int(starts[0]) != 0 or int(starts[-1]) != N or not torch.equal(starts[1:] - starts[:-1], padded):
+        raise ContractError(op, "plan.offsets", f"segment starts from 0 to N={N}, segment e holding "
+                            f"ceil(tokens_per_expert[e] / align={align}) * align rows (as moe_dispatch makes them)",
+                            starts[:9].tolist())
+    c.value_range(op, "plan.source", plan.source, -1, T * k - 1, f"values in [0, T*k={T * k}) or -1")
+    seg_start = torch.repeat_interleave(starts[:-1], padded, output_size=N)
+    seg_count = torch.repeat_interleave(counts, padded, output_size=N)
+    real = torch.arange(N, device=plan.source.device) - seg_start < seg_count
+    if not torch.equal(plan.source >= 0, real):
+        row = int((real != (plan.source >= 0)).nonzero()[0, 0])
+        raise ContractError(op, "plan.source", "a token copy (>= 0) on each segment's first tokens_per_expert rows "
+                            "and -1 on its padding rows", f"source[{row}] = {int(plan.source[row])}")
+    copies = plan.source[real]
+    if copies.numel() and copies.unique().numel() != copies.numel():
+        raise ContractError(op, "plan.source", "each token copy t*k+slot on at most one row", "a repeated copy")
 
 
 def _experts_weights(op, E, H, ref_name, ref, w_gate_up, w_down, activation, w_gate_up_scale, w_down_scale):
@@ -179,7 +220,9 @@ def _experts_weights(op, E, H, ref_name, ref, w_gate_up, w_down, activation, w_g
 
 
 @op_spec(family="moe", summary="grouped SwiGLU expert FFN over a DispatchPlan (bf16, or fp8 weights with "
-         "128x128 block scales) -> [N, H]", outputs={"out": FloatBudget(abs_floor=1e-5)})
+         "128x128 block scales) -> [N, H]", outputs={"out": FloatBudget(abs_floor=1e-5)},
+         meta=lambda a: (TensorMeta(tuple(a.plan.hidden.shape), a.plan.hidden.dtype),),
+         sample=lambda g: ((_sample_plan(g), smp.rnd(g, 4, 16, 16, scale=0.1), smp.rnd(g, 4, 16, 8, scale=0.1)), {}))
 def moe_experts(plan: DispatchPlan, w_gate_up: torch.Tensor, w_down: torch.Tensor, *, activation: str = "silu",
                 w_gate_up_scale: Optional[torch.Tensor] = None, w_down_scale: Optional[torch.Tensor] = None):
     """Run each expert's SwiGLU FFN on its rows of the plan.
@@ -201,7 +244,9 @@ def moe_experts(plan: DispatchPlan, w_gate_up: torch.Tensor, w_down: torch.Tenso
 
 
 @op_spec(family="moe", summary="out[t] = sum_slot weights[t,slot] * expert_out[row(t,slot)] (fp32 accumulate) -> [T, H]",
-         outputs={"out": FloatBudget(abs_floor=1e-6)})
+         outputs={"out": FloatBudget(abs_floor=1e-6)},
+         meta=lambda a: (TensorMeta((a.plan.num_tokens, a.expert_out.shape[1]), a.expert_out.dtype),),
+         sample=lambda g: ((smp.rnd(g, 8, 16), _sample_plan(g), torch.rand(4, 2, generator=g)), {}))
 def moe_combine(expert_out: torch.Tensor, plan: DispatchPlan, weights: torch.Tensor):
     """Weighted sum of each token's expert outputs.
 
@@ -220,7 +265,10 @@ def moe_combine(expert_out: torch.Tensor, plan: DispatchPlan, weights: torch.Ten
 
 
 @op_spec(family="moe", summary="route -> dispatch -> experts -> combine, fused where a backend can -> [T, H]",
-         outputs={"out": FloatBudget(abs_floor=1e-5)})
+         outputs={"out": FloatBudget(abs_floor=1e-5)},
+         meta=lambda a: (TensorMeta(tuple(a.hidden.shape), a.hidden.dtype),),
+         sample=lambda g: ((smp.rnd(g, 4, 128), smp.rnd(g, 4, 4), smp.fp8_codes(g, 4, 32, 128), smp.fp8_codes(g, 4, 128, 16)),
+                           dict(top_k=2, w_gate_up_scale=smp.scales(g, 4, 1, 1), w_down_scale=smp.scales(g, 4, 1, 1))))
 def moe_forward(hidden: torch.Tensor, router_logits: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, *,
                 top_k: int, scoring: str = "sigmoid", correction_bias: Optional[torch.Tensor] = None,
                 n_group: int = 1, topk_group: int = 1, renormalize: bool = True, scaling_factor: float = 1.0,

@@ -1,19 +1,25 @@
-"""A CPU emulator of the torch_npu ops hal-ascend calls, written from their documentation
-(torch_npu 2.13.0 ``_op_plugin_docs.py``; output shapes as in its meta registrations).
+"""A CPU emulator of the torch_npu ops hal-ascend calls.
 
-Each function checks the documented limits and raises :class:`NpuLimitError` on a violation, so a
-backend bug that real hardware would reject fails here too. Where the documentation is silent
-the emulator states its assumption in the docstring (tie order, NaN ranking, the unused rows of
-an output): those are assumptions about the hardware, to be confirmed on a real NPU.
+Semantics from the ops' documentation (torch_npu 2.13.0 ``_op_plugin_docs.py`` and the CANN
+operator documentation it points to); signatures and outputs from the installed wheel itself:
+:mod:`hal_ascend.schema` registers each function here under the op's exact schema from the
+wheel's ``npu_native_functions_by_codegen.yaml`` and checks every result against the wheel's meta
+function. The Python defaults below are used only when the wheel is absent (the emulator then
+runs unbound and says so); ``tests/test_ascend_schema.py`` checks that they equal the schema's.
+
+Each function checks the documented limits (:mod:`hal_ascend.limits`) and raises
+:class:`NpuLimitError` on a violation, so a backend bug that real hardware would reject fails here
+too. Where the documentation is silent the emulator states its assumption in the docstring (tie
+order, NaN ranking, empty rows): those are assumptions about the hardware, to be confirmed on an NPU.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-HALF = (torch.float16, torch.bfloat16)
-FLOATS = (torch.float16, torch.bfloat16, torch.float32)
-SPARSE_COUNTS = set(range(1, 2049)) | {3072, 4096, 5120, 6144, 7168, 8192}
+from hal_ascend.limits import (FLOATS, GATING_MAX_EXPERTS, GMM_MAX_GROUPS, GROUP_SCORE_MAX, GROUP_SCORE_TOP2_SUM, HALF,
+                               INDEXER_HEAD_DIM, INDEXER_MAX_HEADS, INIT_ROUTING_MAX_EXPERTS, SFA_ATTENTION_MODE,
+                               SFA_NOPE_DIM, SFA_Q_HEADS, SFA_ROPE_DIM, SOFTMAX_GATING_MAX_K, SPARSE_COUNTS)
 
 
 class NpuLimitError(RuntimeError):
@@ -39,22 +45,28 @@ def _ranked(key: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(key, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
-def npu_moe_gating_top_k(x, k, bias=None, input_ids=None, tid2eid=None, k_group=1, group_count=1, group_select_mode=0,
-                         renorm=0, norm_type=0, out_flag=False, routed_scaling_factor=1.0, eps=1e-20):
-    """norm (0 softmax / 1 sigmoid) -> (+bias for selection) -> group top-k -> top-k; yOut =
-    norm[ids] / (sum + eps) * routed_scaling_factor. Returns (y_out [T, k] x.dtype, expert_idx [T, k]
-    int32, norm_out [T, E] fp32)."""
+def npu_moe_gating_top_k(x, k, *, bias=None, input_ids=None, tid2eid=None, k_group=1, group_count=1,
+                         group_select_mode=0, renorm=0, norm_type=0, out_flag=False, routed_scaling_factor=1.0,
+                         eps=1e-20):
+    """norm (0 softmax / 1 sigmoid) -> selection score (+bias) -> keep the k_group best of
+    group_count groups (group score: 0 = the group's max, 1 = the sum of its top 2) -> top-k;
+    yOut = norm[ids] / (sum + eps) * routed_scaling_factor. Returns (y_out [T, k] x.dtype,
+    expert_idx [T, k] int32, norm_out [T, E] fp32: the norm's output when out_flag, else undefined
+    (NaN here: assumption))."""
     op = "npu_moe_gating_top_k"
     _need(x.dim() == 2 and x.dtype in FLOATS, op, "x must be 2-D float16/bfloat16/float32")
     T, E = x.shape
-    _need(E <= 2048, op, f"expert count {E} > 2048")
+    _need(E <= GATING_MAX_EXPERTS, op, f"expert count {E} > {GATING_MAX_EXPERTS}")
     _need(group_count > 0 and E % group_count == 0 and E // group_count > 2, op,
           f"x.shape[-1]={E} must divide by group_count={group_count} into groups of more than 2")
-    _need(-(-(E // group_count) // 32) * 32 * group_count <= 2048, op, "32-aligned group size x group_count > 2048")
+    _need(-(-(E // group_count) // 32) * 32 * group_count <= GATING_MAX_EXPERTS, op,
+          "32-aligned group size x group_count > 2048")
     _need(1 <= k_group <= group_count, op, f"k_group={k_group} outside [1, group_count]")
     _need(1 <= k <= E // group_count * k_group, op, f"k={k} outside [1, E / group_count * k_group]")
     _need(renorm == 0, op, "only renorm=0 is supported")
-    _need(norm_type in (0, 1) and group_select_mode in (0, 1), op, "norm_type / group_select_mode must be 0 or 1")
+    _need(norm_type in (0, 1), op, f"norm_type={norm_type} not in (0 softmax, 1 sigmoid)")
+    _need(group_select_mode in (GROUP_SCORE_MAX, GROUP_SCORE_TOP2_SUM), op,
+          f"group_select_mode={group_select_mode} not in (0 max, 1 top-2 sum)")
     _need(input_ids is None and tid2eid is None, op, "hash mode is not emulated")
     if bias is not None:
         _need(bias.dim() == 1 and bias.shape[0] == E and bias.dtype == x.dtype, op, "bias must be [E] with x's dtype")
@@ -64,20 +76,20 @@ def npu_moe_gating_top_k(x, k, bias=None, input_ids=None, tid2eid=None, k_group=
     c = torch.where(torch.isnan(c), float("-inf"), c)
     if group_count > 1:
         g = c.view(T, group_count, E // group_count)
-        gscore = g.max(-1).values if group_select_mode == 0 else g.topk(2, dim=-1).values.sum(-1)
+        gscore = g.max(-1).values if group_select_mode == GROUP_SCORE_MAX else g.topk(2, dim=-1).values.sum(-1)
         keep = torch.zeros(T, group_count, dtype=torch.bool).scatter_(1, _ranked(gscore, k_group), True)
         c = c.masked_fill(~keep.repeat_interleave(E // group_count, 1), float("-inf"))
     ids = _ranked(c, k)
     w = s.gather(1, ids)
     y = w / (w.sum(-1, keepdim=True) + eps) * routed_scaling_factor
-    return y.to(x.dtype), ids.to(torch.int32), s
+    return y.to(x.dtype), ids.to(torch.int32), (s if out_flag else torch.full_like(s, float("nan")))
 
 
 def npu_moe_gating_top_k_softmax(x, finished=None, k=1):
     """softmax(x) then top-k: (y [.., k] x.dtype, expert_idx int32, row_idx int32)."""
     op = "npu_moe_gating_top_k_softmax"
     _need(x.dim() in (2, 3) and x.dtype in FLOATS, op, "x must be 2-D/3-D float16/bfloat16/float32")
-    _need(0 < k <= x.shape[-1] and k <= 1024, op, f"k={k} outside (0, min(E, 1024)]")
+    _need(0 < k <= x.shape[-1] and k <= SOFTMAX_GATING_MAX_K, op, f"k={k} outside (0, min(E, 1024)]")
     _need(finished is None, op, "finished rows are not emulated")
     s = torch.softmax(x.float(), -1)
     ids = _ranked(s, k)
@@ -88,23 +100,25 @@ def npu_moe_gating_top_k_softmax(x, finished=None, k=1):
 
 def npu_moe_init_routing_v2(x, expert_idx, *, scale=None, offset=None, active_num=-1, expert_capacity=-1, expert_num=-1,
                             drop_pad_mode=0, expert_tokens_num_type=0, expert_tokens_num_flag=False, quant_mode=-1,
-                            active_expert_range=(), row_idx_type=0):
+                            active_expert_range=(), row_idx_type=0, x_dtype=None):
     """Expand token copies sorted by expert. Returns (expanded_x [R*K, H], expanded_row_idx [R*K]
-    int32, expert_tokens [E] int64 counts, expanded_scale). Copies whose expert lies outside
-    active_expert_range are not expanded. row_idx_type 0 (gather): expanded_row_idx[r*K + k] is the
-    row of expanded_x holding that copy, -1 when it is not expanded. Assumptions: copies of one
-    expert keep their (row, k) order; the rows past the expanded ones are left zero."""
+    int32, expert_tokens [E] int64 counts, expanded_scale [R*K] fp32, unused without quantization:
+    zeros). Copies whose expert lies outside active_expert_range are not expanded. row_idx_type 0
+    (gather): expanded_row_idx[r*K + k] is the row of expanded_x holding that copy, -1 when it is
+    not expanded. Assumptions: copies of one expert keep their (row, k) order; the rows past the
+    expanded ones are left zero."""
     op = "npu_moe_init_routing_v2"
     _need(x.dim() == 2 and x.dtype in FLOATS + (torch.int8,), op, "x must be 2-D float16/bfloat16/float32/int8")
     _need(expert_idx.dim() == 2 and expert_idx.dtype == torch.int32 and expert_idx.shape[0] == x.shape[0], op,
           "expert_idx must be [NUM_ROWS, K] int32")
-    _need(0 < expert_num <= 10240, op, f"expert_num={expert_num} outside (0, 10240]")
+    _need(0 < expert_num <= INIT_ROUTING_MAX_EXPERTS, op, f"expert_num={expert_num} outside (0, 10240]")
     _need(drop_pad_mode == 0, op, "only drop_pad_mode=0 is supported")
     _need(expert_tokens_num_type in (1, 2) and expert_tokens_num_flag, op,
           "expert_tokens_num_type must be 1 or 2 with expert_tokens_num_flag=True")
-    _need(quant_mode in (-1, 1) and scale is None and offset is None and quant_mode == -1, op,
-          "only the unquantized mode (quant_mode=-1, no scale/offset) is emulated")
+    _need(quant_mode == -1 and scale is None and offset is None and x_dtype is None, op,
+          "only the unquantized mode (quant_mode=-1, no scale/offset/x_dtype) is emulated")
     _need(row_idx_type == 0, op, "only row_idx_type=0 is emulated")
+    _need(active_num <= 0, op, "active_num > 0 (a cap on the expanded rows) is not emulated")
     start, end = tuple(active_expert_range) if active_expert_range else (0, expert_num)
     _need(0 <= start < end <= expert_num, op, "active_expert_range must satisfy 0 <= start < end <= expert_num")
     _need(bool((expert_idx < expert_num).all()), op, "an expert id exceeds expert_num")
@@ -123,32 +137,52 @@ def npu_moe_init_routing_v2(x, expert_idx, *, scale=None, offset=None, active_nu
         nz = torch.nonzero(counts).flatten()
         pairs[: nz.numel(), 0], pairs[: nz.numel(), 1] = nz + start, counts[nz]
         counts = pairs
-    return expanded, row_idx, counts, torch.empty(0)
+    return expanded, row_idx, counts, torch.zeros(R * K, dtype=torch.float32)
+
+
+def _weight_layout_ok(w: torch.Tensor) -> bool:
+    """A [G, K, N] weight either contiguous or the transposed view of a contiguous [G, N, K] (the
+    layout torch_npu's meta function recognizes as a transposed weight); nothing else."""
+    G, K, N = w.shape
+    if w.is_contiguous():
+        return True
+    return w.stride(1) == 1 and w.stride(2) == K and (G == 1 or w.stride(0) == K * N)
 
 
 def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiquant_scale=None, antiquant_offset=None,
                        per_token_scale=None, group_list=None, activation_input=None, activation_quant_scale=None,
                        activation_quant_offset=None, split_item=0, group_type=None, group_list_type=0, act_type=0,
-                       output_dtype=None, tuning_config=None):
-    """y_i = x_i @ weight_i, the single-tensor grouped form: x=[X [M, K]], weight=[W [G, K, N]],
-    group_list [G] (group_list_type 0: cumulative ends, 1: counts), group_type 0 (split M),
-    split_item 2 or 3 -> [Y [M, N]]. Rows past the last group are undefined on the device: the
-    emulator fills them with NaN so a caller that reads them is caught."""
+                       tuning_config=None, output_dtype=None, x_dtype=None, weight_dtype=None, scale_dtype=None,
+                       per_token_scale_dtype=None):
+    """y_i = x_i @ weight_i, the single-tensor grouped form: x=[X [M, K]], weight=[W [G, K, N]]
+    (contiguous, or the transposed view of a contiguous [G, N, K]), group_list [G] int64
+    (group_list_type 0: cumulative ends, 1: counts) covering exactly the M rows, G <= 1024,
+    group_type 0 (split M), split_item 2 or 3 -> [Y [M, N]] in x's dtype (fp32 accumulation:
+    assumption)."""
     op = "npu_grouped_matmul"
     _need(isinstance(x, (list, tuple)) and isinstance(weight, (list, tuple)) and len(x) == 1 and len(weight) == 1, op,
           "only the single-tensor grouped form (x=[X], weight=[W]) is emulated")
     X, W = x[0], weight[0]
     _need(X.dtype in FLOATS and W.dtype == X.dtype, op, "x and weight must share a float16/bfloat16/float32 dtype")
     _need(X.dim() == 2 and W.dim() == 3 and W.shape[1] == X.shape[1], op, "x [M, K] and weight [G, K, N] expected")
+    _need(X.is_contiguous(), op, "x must be contiguous")
+    _need(_weight_layout_ok(W), op, "weight must be contiguous [G, K, N] or the transposed view of a contiguous "
+          f"[G, N, K] (got strides {tuple(W.stride())})")
     _need(split_item in (2, 3) and group_type == 0, op, "split_item must be 2 or 3 with group_type=0")
+    _need(W.shape[0] <= GMM_MAX_GROUPS, op, f"{W.shape[0]} groups > {GMM_MAX_GROUPS}")
     _need(group_list is not None and group_list.dim() == 1 and group_list.shape[0] == W.shape[0], op,
           "group_list must be a 1-D tensor with one entry per group")
     _need(group_list.dtype == torch.int64 and group_list_type in (0, 1), op, "group_list int64 with group_list_type 0/1")
-    _need(all(v is None for v in (bias, scale, offset, antiquant_scale, antiquant_offset, per_token_scale)), op,
-          "quantized / biased variants are not emulated")
+    _need(all(v is None for v in (bias, scale, offset, antiquant_scale, antiquant_offset, per_token_scale,
+                                  activation_input, activation_quant_scale, activation_quant_offset, tuning_config,
+                                  output_dtype, x_dtype, weight_dtype, scale_dtype, per_token_scale_dtype)), op,
+          "quantized / biased / typed variants are not emulated")
+    _need(act_type == 0, op, "fused activations (act_type != 0) are not emulated")
     counts = group_list if group_list_type == 1 else torch.diff(group_list, prepend=group_list.new_zeros(1))
-    _need(bool((counts >= 0).all()) and int(counts.sum()) <= X.shape[0], op, "group_list exceeds the rows of x")
-    out = torch.full((X.shape[0], W.shape[2]), float("nan"), dtype=output_dtype or X.dtype)
+    _need(bool((counts >= 0).all()), op, "group_list has a negative group size")
+    _need(int(counts.sum()) == X.shape[0], op, f"group_list covers {int(counts.sum())} rows, x has {X.shape[0]} "
+          "(sum(group_list) must equal the rows of x)")
+    out = torch.empty((X.shape[0], W.shape[2]), dtype=X.dtype)
     start = 0
     for g, n in enumerate(counts.tolist()):
         out[start:start + n] = (X[start:start + n].float() @ W[g].float()).to(out.dtype)
@@ -156,8 +190,9 @@ def npu_grouped_matmul(x, weight, *, bias=None, scale=None, offset=None, antiqua
     return [out]
 
 
-def npu_swiglu(x, dim=-1):
-    """swish(A) * B with A, B the two halves of x along dim (fp32/fp16/bf16, 1-8 dims)."""
+def npu_swiglu(self, dim=-1):
+    """swish(A) * B with A, B the two halves of self along dim (fp32/fp16/bf16, 1-8 dims)."""
+    x = self
     _need(x.dtype in FLOATS and 1 <= x.dim() <= 8, "npu_swiglu", "x must be 1-8-D float32/float16/bfloat16")
     a, b = x.float().chunk(2, dim=dim)
     return (F.silu(a) * b).to(x.dtype)
@@ -167,18 +202,26 @@ def _causal_visible(S1, S2, q_len, kv_len, sparse_mode):
     t = torch.arange(S1).view(S1, 1)
     s = torch.arange(S2).view(1, S2)
     vis = (s < kv_len) & (t < q_len)
-    if sparse_mode == 3:                                   # rightDownCausal: the last query sees the last key
+    if sparse_mode == 3:                                   # rightDownCausal: the last valid query sees the last key
         vis = vis & (s <= t + (kv_len - q_len))
     return vis
 
 
+_INT64_MAX = 9223372036854775807
+
+
 def npu_lightning_indexer(query, key, weights, *, actual_seq_lengths_query=None, actual_seq_lengths_key=None,
-                          block_table=None, layout_query="BSND", layout_key="BSND", sparse_count=2048, sparse_mode=3):
+                          block_table=None, layout_query="BSND", layout_key="BSND", sparse_count=2048, sparse_mode=3,
+                          pre_tokens=_INT64_MAX, next_tokens=_INT64_MAX, return_value=False):
     """score[b,t,s] = sum_n weights[b,t,n] * relu(query[b,t,n] . key[b,s]) (fp32), top sparse_count
-    visible keys per query, -1 for the unused tail (valid entries first). query [B, S1, N1, D],
-    key [B, S2, N2=1, D], weights [B, S1, N1]; bfloat16/float16; BSND only. Output
-    [B, S1, N2, sparse_count] int32. Assumptions: ties to the lower index, NaN last; queries past
-    actual_seq_lengths_query get -1."""
+    visible keys per query, -1 for the unused tail (valid entries first). query [B, S1, N1, D] with
+    D = 128 and N1 <= 64 (A2/A3), key [B, S2, N2=1, D], weights [B, S1, N1]; bfloat16/float16;
+    BSND only. sparse_mode 3 (rightDownCausal) aligns the last valid query
+    (actual_seq_lengths_query[b]) with the last valid key (actual_seq_lengths_key[b]).
+    Returns (sparse_indices [B, S1, N2, sparse_count] int32, sparse_values: the selected scores in
+    query's dtype, same shape, when return_value, else an empty [0] tensor).
+    Assumptions: ties to the lower index, NaN last; queries past actual_seq_lengths_query get -1;
+    the value of a -1 slot is -inf."""
     op = "npu_lightning_indexer"
     _contig(op, query=query, key=key, weights=weights)
     _need(layout_query == "BSND" and layout_key == "BSND" and block_table is None, op, "only BSND without paging")
@@ -187,15 +230,19 @@ def npu_lightning_indexer(query, key, weights, *, actual_seq_lengths_query=None,
     _need(query.dim() == 4 and key.dim() == 4 and key.shape[2] == 1, op, "query [B,S1,N1,D], key [B,S2,1,D] expected")
     B, S1, N1, D = query.shape
     S2 = key.shape[1]
+    _need(D == INDEXER_HEAD_DIM, op, f"head dim D={D}, must be {INDEXER_HEAD_DIM}")
+    _need(N1 <= INDEXER_MAX_HEADS, op, f"{N1} query heads > {INDEXER_MAX_HEADS}")
     _need(key.shape[0] == B and key.shape[3] == D and tuple(weights.shape) == (B, S1, N1), op, "shapes disagree")
     _need(sparse_count in SPARSE_COUNTS, op, f"sparse_count={sparse_count} not in 1-2048, 3072, ..., 8192")
     _need(sparse_mode in (0, 3), op, f"sparse_mode={sparse_mode} not in (0, 3)")
+    _need(pre_tokens == _INT64_MAX and next_tokens == _INT64_MAX, op, "pre_tokens / next_tokens are not emulated")
     for name, t, lim in (("actual_seq_lengths_query", actual_seq_lengths_query, S1),
                          ("actual_seq_lengths_key", actual_seq_lengths_key, S2)):
         if t is not None:
-            _need(t.dtype == torch.int32 and t.shape == (B,), op, f"{name} must be [B] int32")
+            _need(t.dtype == torch.int32 and tuple(t.shape) == (B,), op, f"{name} must be [B] int32")
             _need(bool(((t >= 0) & (t <= lim)).all()), op, f"{name} outside [0, {lim}]")
     out = torch.full((B, S1, 1, sparse_count), -1, dtype=torch.int32)
+    vals = torch.full((B, S1, 1, sparse_count), float("-inf"), dtype=query.dtype)
     for b in range(B):
         q_len = S1 if actual_seq_lengths_query is None else int(actual_seq_lengths_query[b])
         kv_len = S2 if actual_seq_lengths_key is None else int(actual_seq_lengths_key[b])
@@ -207,52 +254,71 @@ def npu_lightning_indexer(query, key, weights, *, actual_seq_lengths_query=None,
         order = order.gather(-1, torch.sort(vis.gather(-1, order).to(torch.int8), dim=-1, descending=True,
                                             stable=True).indices)
         n = min(sparse_count, S2)
-        picked = torch.where(torch.arange(n) < vis.sum(-1, keepdim=True), order[:, :n], -1)
-        out[b, :, 0, :n] = picked.to(torch.int32)
-    return out
+        valid = torch.arange(n) < vis.sum(-1, keepdim=True)
+        out[b, :, 0, :n] = torch.where(valid, order[:, :n], -1).to(torch.int32)
+        vals[b, :, 0, :n] = torch.where(valid, score.gather(-1, order[:, :n]), float("-inf")).to(query.dtype)
+    return out, (vals if return_value else torch.empty(0, dtype=query.dtype))
 
 
-def npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, sparse_block_size, *, block_table=None,
-                               actual_seq_lengths_query=None, actual_seq_lengths_kv=None, query_rope=None, key_rope=None,
-                               layout_query="BSND", layout_kv="BSND", sparse_mode=3):
-    """Attention of each query over the keys in sparse_indices [B, S1, N2, K] (valid entries first,
-    -1 after), fp32 softmax with scale_value; MLA split: query/key hold the 512 "nope" dims and
-    query_rope/key_rope the 64 rope dims (scores add both). query [B, S1, N1, D], key/value
-    [B, S2, N2, D] bf16/fp16, BSND. sparse_mode 0 (all selected) or 3 (rightDownCausal on top).
-    Output [B, S1, N1, Dv] in query's dtype; a query with no valid index gives 0 (assumption)."""
+def npu_sparse_flash_attention(query, key, value, sparse_indices, scale_value, *, block_table=None,
+                               actual_seq_lengths_query=None, actual_seq_lengths_kv=None, query_rope=None,
+                               key_rope=None, sparse_block_size=1, layout_query="BSND", layout_kv="BSND",
+                               sparse_mode=3, pre_tokens=_INT64_MAX, next_tokens=_INT64_MAX, attention_mode=0,
+                               return_softmax_lse=False, sinks=None):
+    """MLA-absorbed sparse attention (attention_mode 2: value is key): each query attends to the
+    keys in sparse_indices [B, S1, N2=1, K] (valid entries first, -1 after) with scores
+    scale_value * (query . key + query_rope . key_rope) and an fp32 softmax. query [B, S1, N1, 512]
+    with N1 in {1, 2, 4, ..., 128}, query_rope [B, S1, N1, 64], key = value [B, S2, 1, 512],
+    key_rope [B, S2, 1, 64]; bf16/fp16; BSND; sparse_mode 0; sparse_block_size 1.
+    Returns (out [B, S1, N1, 512] query dtype, softmax_max, softmax_sum), the last two
+    [B, N2, S1, N1/N2] fp32 (the max of the scaled scores and the sum of exp(score - max)) when
+    return_softmax_lse, else empty [0] fp32. Assumption: a query with no valid index gives out 0,
+    softmax_max -inf, softmax_sum 0."""
     op = "npu_sparse_flash_attention"
     _contig(op, query=query, key=key, value=value, sparse_indices=sparse_indices, query_rope=query_rope,
             key_rope=key_rope)
     _need(layout_query == "BSND" and layout_kv == "BSND" and block_table is None, op, "only BSND without paging")
-    _need(all(t.dtype in HALF for t in (query, key, value)), op, "query/key/value must be bfloat16 or float16")
+    _need(attention_mode == SFA_ATTENTION_MODE, op, f"attention_mode={attention_mode}: only 2 (MLA absorbed) is supported")
+    _need(value is not None and value.data_ptr() == key.data_ptr() and value.shape == key.shape
+          and value.stride() == key.stride(), op, "attention_mode 2 takes value = key (one KV tensor)")
+    _need(all(t is not None and t.dtype in HALF for t in (query, key, query_rope, key_rope)), op,
+          "query/key/query_rope/key_rope must be given, bfloat16 or float16")
     _need(sparse_indices.dtype == torch.int32 and sparse_indices.dim() == 4, op, "sparse_indices [B,S1,N2,K] int32")
-    _need(sparse_mode in (0, 3) and sparse_block_size == 1, op, "sparse_mode 0/3 with sparse_block_size 1 expected")
+    _need(sparse_mode == 0 and sparse_block_size == 1, op, "sparse_mode 0 with sparse_block_size 1 expected "
+          "(sparse_mode 3 is not emulated)")
+    _need(actual_seq_lengths_query is None and actual_seq_lengths_kv is None and sinks is None
+          and pre_tokens == _INT64_MAX and next_tokens == _INT64_MAX, op,
+          "actual_seq_lengths / sinks / pre_tokens / next_tokens are not emulated")
     B, S1, N1, D = query.shape
     S2, N2 = key.shape[1], key.shape[2]
-    _need(N1 % N2 == 0 and tuple(sparse_indices.shape[:3]) == (B, S1, N2), op, "head counts / index shape disagree")
+    _need(D == SFA_NOPE_DIM and key.shape[3] == SFA_NOPE_DIM, op, f"query/key head dim {D}/{key.shape[3]}, must be 512")
+    _need(tuple(query_rope.shape) == (B, S1, N1, SFA_ROPE_DIM) and tuple(key_rope.shape) == (B, S2, N2, SFA_ROPE_DIM),
+          op, "query_rope [B,S1,N1,64] and key_rope [B,S2,N2,64] expected")
+    _need(N2 == 1, op, f"{N2} KV heads: exactly one is supported")
+    _need(N1 in SFA_Q_HEADS, op, f"{N1} query heads: must be 1, 2, 4, ..., 128")
+    _need(tuple(sparse_indices.shape[:3]) == (B, S1, N2), op, "sparse_indices shape disagrees with query/key")
     valid = sparse_indices >= 0
     _need(bool((valid[..., 1:] <= valid[..., :-1]).all()), op, "valid indices must come first, -1 after")
     _need(bool((sparse_indices < S2).all()), op, "an index >= the key length")
-    if query_rope is not None:
-        _need(key_rope is not None and query_rope.shape[:3] == query.shape[:3], op, "query_rope/key_rope disagree")
     idx = sparse_indices.clamp_min(0).long()
-    G = N1 // N2
-    out = torch.zeros(B, S1, N1, value.shape[3], dtype=query.dtype)
+    out = torch.zeros(B, S1, N1, D, dtype=query.dtype)
+    mx = torch.full((B, N2, S1, N1 // N2), float("-inf"))
+    sm = torch.zeros(B, N2, S1, N1 // N2)
     for b in range(B):
-        for n2 in range(N2):
-            sel = idx[b, :, n2]                                                   # [S1, K]
-            k = key[b, :, n2].float()[sel]                                        # [S1, K, D]
-            v = value[b, :, n2].float()[sel]
-            q = query[b, :, n2 * G:(n2 + 1) * G].float()                          # [S1, G, D]
-            s = torch.einsum("tgd,tkd->tgk", q, k)
-            if query_rope is not None:
-                s = s + torch.einsum("tgd,tkd->tgk", query_rope[b, :, n2 * G:(n2 + 1) * G].float(),
-                                     key_rope[b, :, n2].float()[sel])
-            s = (s * scale_value).masked_fill(~valid[b, :, n2][:, None, :], float("-inf"))
-            any_valid = valid[b, :, n2].any(-1)[:, None, None]
-            p = torch.where(any_valid, torch.softmax(s, -1), 0.0)
-            out[b, :, n2 * G:(n2 + 1) * G] = torch.einsum("tgk,tkd->tgd", p, v).to(query.dtype)
-    return out
+        sel = idx[b, :, 0]                                                     # [S1, K]
+        kv = key[b, :, 0].float()[sel]                                         # [S1, K, 512]
+        s = torch.einsum("tgd,tkd->tgk", query[b].float(), kv)
+        s = s + torch.einsum("tgd,tkd->tgk", query_rope[b].float(), key_rope[b, :, 0].float()[sel])
+        s = (s * scale_value).masked_fill(~valid[b, :, 0][:, None, :], float("-inf"))
+        m = s.amax(-1)                                                         # [S1, N1]
+        e = torch.exp(s - torch.where(torch.isinf(m), 0.0, m)[..., None])
+        z = e.sum(-1)
+        p = torch.where(z[..., None] > 0, e / z.clamp_min(1e-30)[..., None], 0.0)
+        out[b] = torch.einsum("tgk,tkd->tgd", p, kv).to(query.dtype)
+        mx[b, 0], sm[b, 0] = m, z
+    if not return_softmax_lse:
+        mx, sm = torch.empty(0), torch.empty(0)
+    return out, mx, sm
 
 
 def npu_moe_finalize_routing(expanded_permuted_rows, skip1, skip2, bias, scales, expanded_src_to_dst_row,
@@ -287,3 +353,8 @@ def npu_moe_finalize_routing(expanded_permuted_rows, skip1, skip2, bias, scales,
         if s is not None:
             out = out + s.float()
     return out.to(rows.dtype)
+
+
+IMPLS = {f.__name__: f for f in (npu_moe_gating_top_k, npu_moe_gating_top_k_softmax, npu_moe_init_routing_v2,
+                                 npu_grouped_matmul, npu_swiglu, npu_lightning_indexer, npu_sparse_flash_attention,
+                                 npu_moe_finalize_routing)}

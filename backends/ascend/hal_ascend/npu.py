@@ -2,9 +2,11 @@
 
 ``ops()`` returns an object with ``npu_moe_gating_top_k``, ``npu_moe_gating_top_k_softmax``,
 ``npu_moe_init_routing_v2``, ``npu_grouped_matmul``, ``npu_swiglu``, ``npu_lightning_indexer``,
-``npu_sparse_flash_attention`` and ``npu_moe_finalize_routing``: ``torch_npu`` (and its ``custom`` namespace for the DSA ops) on
-real hardware, :mod:`hal_ascend.emulator` when ``HAL_ASCEND_EMULATE=1``. The backend's kernels are
-the same code in both modes.
+``npu_sparse_flash_attention`` and ``npu_moe_finalize_routing``: ``torch_npu`` (and its ``custom``
+namespace for the DSA ops) on real hardware; with ``HAL_ASCEND_EMULATE=1`` the
+:mod:`hal_ascend.emulator` functions registered under the installed wheel's own schemas
+(``torch.ops.hal_npu_emu.*``, see :mod:`hal_ascend.schema`), or, when the wheel is absent, the
+plain functions (``binding().reason`` says so). The backend's kernels are the same code in all modes.
 """
 from __future__ import annotations
 
@@ -20,28 +22,62 @@ def emulating() -> bool:
 
 
 _ops = None
+_binding = None
+
+
+def binding():
+    """The emulator's :class:`hal_ascend.schema.SchemaBinding` (created once per process)."""
+    global _binding
+    if _binding is None:
+        from hal_ascend import emulator, schema
+        _binding = schema.bind({n: emulator.IMPLS[n] for n in NAMES})
+    return _binding
 
 
 def ops():
     global _ops
     if _ops is None:
         if emulating():
-            from hal_ascend import emulator as impl
-            _ops = types.SimpleNamespace(**{n: getattr(impl, n) for n in NAMES})
+            b = binding()
+            if b.bound:
+                _ops = types.SimpleNamespace(**b.ops)
+            else:
+                from hal_ascend import emulator
+                _ops = types.SimpleNamespace(**{n: emulator.IMPLS[n] for n in NAMES})
         else:
             import torch
             import torch_npu
-            custom = getattr(torch.ops, "custom", None)
-            found = {}
+            found, missing = {}, []
             for n in NAMES:
                 fn = getattr(torch_npu, n, None)
-                if fn is None and custom is not None:
-                    fn = getattr(custom, n, None)
+                for ns in ("npu", "custom"):             # torch.ops.npu.* / torch.ops.custom.* (the DSA ops)
+                    if fn is None:
+                        try:
+                            fn = getattr(getattr(torch.ops, ns), n)
+                        except (AttributeError, RuntimeError):
+                            fn = None
+                if fn is None:
+                    missing.append(n)
                 found[n] = fn
+            if missing:
+                raise RuntimeError(f"torch_npu {getattr(torch_npu, '__version__', '?')} has no {', '.join(missing)} "
+                                   "(neither torch_npu.<op> nor torch.ops.npu / torch.ops.custom)")
             _ops = types.SimpleNamespace(**found)
     return _ops
 
 
+def format_cast_nz(t):
+    """``torch_npu.npu_format_cast(t, FRACTAL_NZ)`` for a tensor on an NPU; any other tensor (the
+    emulator's CPU tensors: no storage formats there) comes back as it is."""
+    if t.device.type != "npu":
+        return t
+    import torch_npu
+    from hal_ascend.limits import ACL_FORMAT_FRACTAL_NZ
+    return torch_npu.npu_format_cast(t, ACL_FORMAT_FRACTAL_NZ)
+
+
 def reset() -> None:
-    global _ops
+    """Forget the resolved ops and the emulator's binding (both are looked up again on next use)."""
+    global _ops, _binding
     _ops = None
+    _binding = None

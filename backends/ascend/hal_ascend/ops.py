@@ -1,63 +1,90 @@
 """hal-ascend's kernels: the contract's ops mapped onto torch_npu ops (through the seam), with the
-layouts, dtypes and conventions converted, and ``supports`` rules that keep every call inside the
-ops' documented limits (a declined call runs on the reference, recorded in the plan).
+layouts, dtypes and conventions converted, and ``*_supports`` rules that keep every call inside the
+ops' documented limits (:mod:`hal_ascend.limits`; a declined call runs on the reference, recorded
+in the plan). Every torch_npu call here binds to the torch_npu 2.13.0 schema (docs/ascend.md).
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
+from hal_ascend.limits import (FLOATS, GATING_MAX_EXPERTS, GMM_MAX_GROUPS, GROUP_SCORE_MAX, GROUP_SCORE_TOP2_SUM, HALF,
+                               INDEXER_HEAD_DIM, INDEXER_MAX_HEADS, INIT_ROUTING_MAX_EXPERTS, SFA_NOPE_DIM, SFA_Q_HEADS,
+                               SFA_ROPE_DIM, SOFTMAX_GATING_MAX_K, SPARSE_COUNTS)
 from hal_ascend.npu import ops as npu
 
-SPARSE_COUNTS = set(range(1, 2049)) | {3072, 4096, 5120, 6144, 7168, 8192}
-HALF = (torch.bfloat16, torch.float16)
+# FP8 experts (declared emulation): the most dequantized fp32 weight bytes held at once
+FP8_DEQUANT_BUDGET_BYTES = 256 << 20
+# fp32 DSA (the fused ops take bf16/fp16 only): the most bytes of scores / gathered keys per query chunk
+FP32_DSA_CHUNK_BYTES = 256 << 20
 
 
 # --- routing ------------------------------------------------------------------------------------
 
+def group_select_mode(correction_bias) -> int:
+    """npu_moe_gating_top_k's group score for the contract's rule: the group's max selection score
+    without a correction bias (mode 0), the sum of its top 2 with one (mode 1)."""
+    return GROUP_SCORE_MAX if correction_bias is None else GROUP_SCORE_TOP2_SUM
+
+
 def route_supports(router_logits, *, top_k, scoring, correction_bias, n_group, topk_group, renormalize,
                    scaling_factor):
     E = router_logits.shape[1]
-    if scoring == "softmax":
-        if correction_bias is not None or n_group > 1:
-            return "npu_moe_gating_top_k_softmax takes no correction bias and no groups"
-        if top_k > 1024:
-            return f"npu_moe_gating_top_k_softmax needs k <= 1024 (got {top_k})"
+    if scoring == "softmax" and correction_bias is None and n_group == 1:
+        if top_k > SOFTMAX_GATING_MAX_K:
+            return f"npu_moe_gating_top_k_softmax needs k <= {SOFTMAX_GATING_MAX_K} (got {top_k})"
         return None
-    if not renormalize:
-        return "npu_moe_gating_top_k always renormalizes (renorm=0 is its only mode)"
-    if E > 2048:
-        return f"npu_moe_gating_top_k takes at most 2048 experts (got {E})"
+    op = "npu_moe_gating_top_k"
+    if E > GATING_MAX_EXPERTS:
+        return f"{op} takes at most {GATING_MAX_EXPERTS} experts (got {E})"
     if E // n_group <= 2:
-        return f"npu_moe_gating_top_k needs more than 2 experts per group (got {E // n_group})"
-    if -(-(E // n_group) // 32) * 32 * n_group > 2048:
-        return "npu_moe_gating_top_k: 32-aligned group size x group count exceeds 2048"
+        return f"{op} needs more than 2 experts per group (got {E // n_group})"
+    if -(-(E // n_group) // 32) * 32 * n_group > GATING_MAX_EXPERTS:
+        return f"{op}: 32-aligned group size x group count exceeds {GATING_MAX_EXPERTS}"
     return None
 
 
 def moe_route(router_logits, *, top_k, scoring, correction_bias, n_group, topk_group, renormalize, scaling_factor):
-    x = router_logits.float()                             # fp32 in, so y_out (x's dtype) is fp32
-    if scoring == "softmax":
-        w, ids, _ = npu().npu_moe_gating_top_k_softmax(x.contiguous(), None, k=top_k)
+    """Softmax without bias or groups: npu_moe_gating_top_k_softmax (+ renormalize / scale here);
+    otherwise npu_moe_gating_top_k (norm_type 1 sigmoid / 0 softmax, group_select_mode from
+    :func:`group_select_mode`); without renormalize the weights are norm_out (out_flag=True) at
+    the selected ids, scaled. Logits and bias go in as fp32, so the weights come out fp32."""
+    x = router_logits.float().contiguous()
+    if scoring == "softmax" and correction_bias is None and n_group == 1:
+        w, ids, _ = npu().npu_moe_gating_top_k_softmax(x, None, top_k)
         w = w.float()
         if renormalize:
             w = w / (w.sum(-1, keepdim=True) + 1e-20)
         return w * scaling_factor, ids.to(torch.int32)
     bias = correction_bias.float() if correction_bias is not None else None
-    y, ids, _ = npu().npu_moe_gating_top_k(x, top_k, bias=bias, k_group=topk_group, group_count=n_group,
-                                           group_select_mode=1, renorm=0, norm_type=1, out_flag=False,
-                                           routed_scaling_factor=float(scaling_factor), eps=1e-20)
+    y, ids, norm = npu().npu_moe_gating_top_k(x, top_k, bias=bias, k_group=topk_group, group_count=n_group,
+                                              group_select_mode=group_select_mode(correction_bias), renorm=0,
+                                              norm_type=1 if scoring == "sigmoid" else 0, out_flag=not renormalize,
+                                              routed_scaling_factor=float(scaling_factor), eps=1e-20)
+    if not renormalize:                                  # y_out is always renormalized: weights from norm_out
+        return norm.float().gather(1, ids.long()) * scaling_factor, ids.to(torch.int32)
     return y.float(), ids.to(torch.int32)
 
 
 # --- dispatch / experts / combine ---------------------------------------------------------------
 
+def dispatch_supports(hidden, expert_ids, num_experts, *, align):
+    if num_experts > INIT_ROUTING_MAX_EXPERTS:
+        return f"npu_moe_init_routing_v2 takes at most {INIT_ROUTING_MAX_EXPERTS} experts (got {num_experts})"
+    return None
+
+
 def moe_dispatch(hidden, expert_ids, num_experts, *, align):
     """npu_moe_init_routing_v2 expands and sorts (counts mode); padding to align is added here."""
     from hal.contract.moe import DispatchPlan
     T, k = expert_ids.shape
+    if T == 0 or k == 0:
+        z = torch.zeros(num_experts, dtype=torch.int32, device=hidden.device)
+        return DispatchPlan(hidden.new_zeros((0, hidden.shape[1])), z, torch.zeros(num_experts + 1, dtype=torch.int32,
+                            device=hidden.device), torch.zeros(0, dtype=torch.int64, device=hidden.device), T, k, align)
     expanded, row_idx, counts, _ = npu().npu_moe_init_routing_v2(
-        hidden, expert_ids.to(torch.int32).contiguous(), active_num=-1, expert_capacity=-1, expert_num=num_experts,
-        drop_pad_mode=0, expert_tokens_num_type=1, expert_tokens_num_flag=True, quant_mode=-1,
+        hidden.contiguous(), expert_ids.to(torch.int32).contiguous(), active_num=-1, expert_capacity=-1,
+        expert_num=num_experts, drop_pad_mode=0, expert_tokens_num_type=1, expert_tokens_num_flag=True, quant_mode=-1,
         active_expert_range=[0, num_experts], row_idx_type=0)
     counts = counts.to(torch.int64)
     padded = (counts + align - 1) // align * align
@@ -77,9 +104,22 @@ def moe_dispatch(hidden, expert_ids, num_experts, *, align):
     return DispatchPlan(out, counts.to(torch.int32), offsets.to(torch.int32), source, T, k, align)
 
 
+def gmm_weight(w: torch.Tensor) -> torch.Tensor:
+    """A contract expert weight [E, N, K] as npu_grouped_matmul's operand [E, K, N], never copied:
+    the storage :meth:`AscendBackend.prepare_weights` laid out (contiguous [E, K, N], NZ on an NPU)
+    when ``w`` is its view, else the transposed view of the contract layout (the form the op
+    recognizes as a transposed weight)."""
+    t = w.transpose(1, 2)
+    base = w._base
+    if base is not None and t.is_contiguous() and tuple(base.shape) == tuple(t.shape) \
+            and base.data_ptr() == t.data_ptr():
+        return base
+    return t
+
+
 def _dequant_weights(w, s):
-    """[E, N, K] e4m3 + [E, ceil(N/128), ceil(K/128)] scales -> fp32 (the declared FP8 emulation)."""
-    E, N, K = w.shape
+    """[U, N, K] e4m3 + [U, ceil(N/128), ceil(K/128)] scales -> fp32 (the declared FP8 emulation)."""
+    U, N, K = w.shape
     full = s.repeat_interleave(128, 1)[:, :N].repeat_interleave(128, 2)[:, :, :K]
     return w.float() * full
 
@@ -91,29 +131,80 @@ def _fake_quant_rows(x):
     return q.float() * s.repeat_interleave(128, -1)[..., : x.shape[-1]]
 
 
-def moe_experts(plan, w_gate_up, w_down, *, activation, w_gate_up_scale, w_down_scale):
-    """npu_grouped_matmul (counts group list) + npu_swiglu over the plan's real rows; FP8 weights
-    run the declared emulation (dequantized to fp32, activations fake-quantized per 128 channels)."""
-    dtype = plan.hidden.dtype
-    real = torch.nonzero(plan.source >= 0).flatten()
-    x = plan.hidden[real]
-    counts = plan.tokens_per_expert.to(torch.int64)
-    fp8 = w_gate_up_scale is not None
-    if fp8:
-        wg, wd = _dequant_weights(w_gate_up, w_gate_up_scale), _dequant_weights(w_down, w_down_scale)
-        x_in = _fake_quant_rows(x)
-    else:
-        wg, wd, x_in = w_gate_up, w_down, x
-        if x_in.dtype != wg.dtype:
-            x_in, wg, wd = x_in.float(), wg.float(), wd.float()
-    h = npu().npu_grouped_matmul([x_in.contiguous()], [wg.transpose(1, 2).contiguous()], group_list=counts,
-                                 split_item=3, group_type=0, group_list_type=1)[0]
+def experts_supports(plan, w_gate_up, w_down, *, activation, w_gate_up_scale, w_down_scale):
+    x, w = plan.hidden.dtype, w_gate_up.dtype
+    if w_gate_up_scale is None and x != w and not (w == torch.float32 and x in FLOATS):
+        return (f"npu_grouped_matmul takes x and weight of one dtype: {x} activations with {w} weights would need "
+                "a per-call weight copy")
+    return None
+
+
+def _swiglu_ffn(x, wg, wd, counts, dtype, fp8):
+    """Both grouped GEMMs and the SwiGLU between them for rows x grouped by counts (int64, sum =
+    rows). wg / wd: the op's [G, K, N] operands."""
+    x_in = _fake_quant_rows(x) if fp8 else (x if x.dtype == wg.dtype else x.to(wg.dtype))
+    h = npu().npu_grouped_matmul([x_in.contiguous()], [wg], group_list=counts, split_item=3, group_type=0,
+                                 group_list_type=1)[0]
     a = npu().npu_swiglu(h.to(dtype).float() if fp8 else h.to(dtype), dim=-1).to(dtype)
     a_in = _fake_quant_rows(a) if fp8 else (a if a.dtype == wd.dtype else a.to(wd.dtype))
-    y = npu().npu_grouped_matmul([a_in.contiguous()], [wd.transpose(1, 2).contiguous()], group_list=counts,
-                                 split_item=3, group_type=0, group_list_type=1)[0]
+    return npu().npu_grouped_matmul([a_in.contiguous()], [wd], group_list=counts, split_item=3, group_type=0,
+                                    group_list_type=1)[0]
+
+
+def _expert_chunks(counts_host, per_expert_bytes, fp8):
+    """Ranges of experts for one pair of grouped GEMMs each: at most GMM_MAX_GROUPS experts; with
+    FP8 only experts that got rows, at most FP8_DEQUANT_BUDGET_BYTES of dequantized weights."""
+    if not fp8:
+        return [list(range(i, min(i + GMM_MAX_GROUPS, len(counts_host))))
+                for i in range(0, len(counts_host), GMM_MAX_GROUPS)]
+    cap = max(1, min(GMM_MAX_GROUPS, FP8_DEQUANT_BUDGET_BYTES // max(1, per_expert_bytes)))
+    used = [e for e, n in enumerate(counts_host) if n > 0]
+    return [used[i:i + cap] for i in range(0, len(used), cap)]
+
+
+def moe_experts(plan, w_gate_up, w_down, *, activation, w_gate_up_scale, w_down_scale):
+    """npu_grouped_matmul (counts group list) + npu_swiglu over the plan's real rows, weights taken
+    as laid out (no per-call copy: :func:`gmm_weight`). FP8 weights run the declared emulation:
+    only the experts that got rows are dequantized to fp32, a bounded chunk at a time, and the
+    activations are fake-quantized per 128 channels."""
+    dtype = plan.hidden.dtype
+    E = w_gate_up.shape[0]
+    fp8 = w_gate_up_scale is not None
+    counts = plan.tokens_per_expert.to(torch.int64)
+    if plan.align == 1:                                  # every row is a token copy
+        real, x = None, plan.hidden
+    else:
+        real = torch.nonzero(plan.source >= 0).flatten()
+        x = plan.hidden[real]
+    if x.shape[0] == 0:
+        return torch.zeros(plan.hidden.shape, dtype=dtype, device=plan.hidden.device)
+    if not fp8 and E <= GMM_MAX_GROUPS:                   # one pair of calls, no host sync
+        y = _swiglu_ffn(x, gmm_weight(w_gate_up), gmm_weight(w_down), counts, dtype, False)
+    else:
+        counts_host = counts.tolist()
+        starts = [0]
+        for n in counts_host:
+            starts.append(starts[-1] + n)
+        per_expert = 4 * (w_gate_up.shape[1] * w_gate_up.shape[2] + w_down.shape[1] * w_down.shape[2])
+        parts = []
+        for chunk in _expert_chunks(counts_host, per_expert, fp8):
+            lo, hi = starts[chunk[0]], starts[chunk[-1] + 1]
+            if hi == lo:
+                continue
+            if fp8:
+                idx = torch.tensor(chunk, device=w_gate_up.device)
+                wg = _dequant_weights(w_gate_up[idx], w_gate_up_scale[idx]).transpose(1, 2)
+                wd = _dequant_weights(w_down[idx], w_down_scale[idx]).transpose(1, 2)
+                group = counts[idx]
+            else:
+                wg, wd = gmm_weight(w_gate_up[chunk[0]:chunk[-1] + 1]), gmm_weight(w_down[chunk[0]:chunk[-1] + 1])
+                group = counts[chunk[0]:chunk[-1] + 1]
+            parts.append(_swiglu_ffn(x[lo:hi], wg, wd, group, dtype, fp8))
+        y = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if real is None:
+        return y.to(dtype)
     out = torch.zeros(plan.hidden.shape, dtype=dtype, device=plan.hidden.device)
-    out[real] = y[: real.numel()].to(dtype)
+    out[real] = y.to(dtype)
     return out
 
 
@@ -142,9 +233,19 @@ def moe_combine_finalize(expert_out, plan, weights):
 
 def forward_supports(hidden, router_logits, w_gate_up, w_down, *, top_k, scoring, correction_bias, n_group, topk_group,
                      renormalize, scaling_factor, activation, w_gate_up_scale, w_down_scale):
-    return route_supports(router_logits, top_k=top_k, scoring=scoring, correction_bias=correction_bias,
-                          n_group=n_group, topk_group=topk_group, renormalize=renormalize,
-                          scaling_factor=scaling_factor)
+    return (route_supports(router_logits, top_k=top_k, scoring=scoring, correction_bias=correction_bias,
+                           n_group=n_group, topk_group=topk_group, renormalize=renormalize,
+                           scaling_factor=scaling_factor)
+            or dispatch_supports(hidden, None, w_gate_up.shape[0], align=1)
+            or experts_supports(_PlanDtype(hidden.dtype), w_gate_up, w_down, activation=activation,
+                                w_gate_up_scale=w_gate_up_scale, w_down_scale=w_down_scale))
+
+
+class _PlanDtype:
+    """What experts_supports reads of a plan (its rows' dtype), for moe_forward's check."""
+
+    def __init__(self, dtype):
+        self.hidden = torch.empty(0, dtype=dtype)
 
 
 def moe_forward(hidden, router_logits, w_gate_up, w_down, *, top_k, scoring, correction_bias, n_group, topk_group,
@@ -157,57 +258,193 @@ def moe_forward(hidden, router_logits, w_gate_up, w_down, *, top_k, scoring, cor
     return moe_combine(out, plan, w)
 
 
-# --- DSA ----------------------------------------------------------------------------------------
+# --- DSA: lightning indexer ---------------------------------------------------------------------
+
+def sparse_count_for(top_k: int):
+    """The smallest sparse_count the indexer takes that is >= top_k (None above 8192)."""
+    return min((c for c in SPARSE_COUNTS if c >= top_k), default=None)
+
 
 def indexer_supports(q, k, weights, *, top_k, causal, q_offset, k_lengths, q_scale, k_scale):
-    if q.dtype not in HALF:
-        return f"npu_lightning_indexer takes bfloat16/float16 query and key (got {q.dtype})"
-    if top_k not in SPARSE_COUNTS:
-        return f"npu_lightning_indexer sparse_count must be 1-2048 or 3072..8192 in steps of 1024 (got {top_k})"
-    if q_offset is not None:
-        return "npu_lightning_indexer's rightDownCausal fixes q_offset = k_lengths - S; an explicit q_offset is not mapped"
+    op = "npu_lightning_indexer"
+    if q.dtype in TORCH_OP_INDEXER_DTYPES:
+        return None                                      # torch ops on the NPU (_torch_indexer)
+    if sparse_count_for(top_k) is None:
+        return f"{op} sparse_count must be 1-2048 or 3072..8192 in steps of 1024 (got top_k={top_k})"
+    if q.shape[3] > INDEXER_HEAD_DIM:
+        return f"{op} needs head dim D = {INDEXER_HEAD_DIM} on Atlas A2/A3 (got {q.shape[3]}; smaller D is zero-padded)"
+    if q.shape[2] > INDEXER_MAX_HEADS:
+        return f"{op} takes at most {INDEXER_MAX_HEADS} query heads on Atlas A2/A3 (got {q.shape[2]})"
     return None
+
+
+def causal_lengths(S: int, k_len: torch.Tensor, q_offset: torch.Tensor):
+    """The contract's causal rule ``s < k_lengths[b] and s <= q_offset[b] + t`` as the op's
+    rightDownCausal (last valid query on last valid key): (actual_seq_lengths_query,
+    actual_seq_lengths_key), both [B] int32. Query rows t >= actual_seq_lengths_query[b] ("tail
+    rows": q_offset[b] + t >= k_lengths[b], they see all k_lengths[b] keys) are not covered by
+    them; they exist only when k_lengths - q_offset < S, never for S = 1."""
+    k_len = k_len.to(torch.int64)
+    q_len = (k_len - q_offset.to(torch.int64)).clamp(1, S)
+    k_eff = torch.minimum((q_offset.to(torch.int64) + q_len).clamp_min(0), k_len)
+    return q_len.to(torch.int32), k_eff.to(torch.int32)
+
+
+# q/k dtypes npu_lightning_indexer does not take, run as the contract's arithmetic in torch ops
+TORCH_OP_INDEXER_DTYPES = (torch.float32, torch.float8_e4m3fn)
+
+
+def _torch_indexer(q, k, weights, *, top_k, causal, q_offset, k_lengths, q_scale, k_scale):
+    """fp32 or fp8 (with scales) q/k, which the fused op does not take: the contract's arithmetic
+    in torch ops on the device (the reference kernel's code), a chunk of queries at a time so the
+    [B, chunk, Hi, L] fp32 scores stay within FP32_DSA_CHUNK_BYTES."""
+    from hal.backends.cpu import KERNELS
+    B, S, Hi, _ = q.shape
+    L = k.shape[1]
+    k_len = torch.full((B,), L, dtype=torch.int64, device=q.device) if k_lengths is None else k_lengths.long()
+    offset = k_len - S if q_offset is None else q_offset.long()
+    step = max(1, FP32_DSA_CHUNK_BYTES // max(1, 4 * B * Hi * L))
+    return torch.cat([KERNELS["lightning_indexer"](q[:, t:t + step], k, weights[:, t:t + step], top_k=top_k,
+                                                   causal=causal, q_offset=offset + t, k_lengths=k_len,
+                                                   q_scale=None if q_scale is None else q_scale[:, t:t + step],
+                                                   k_scale=k_scale)
+                      for t in range(0, S, step)], 1)
 
 
 def lightning_indexer(q, k, weights, *, top_k, causal, q_offset, k_lengths, q_scale, k_scale):
+    """npu_lightning_indexer (BSND; sparse_mode 3 rightDownCausal or 0), q_offset / k_lengths as
+    actual_seq_lengths_query / actual_seq_lengths_key (:func:`causal_lengths`); tail rows, when a
+    batch has any, from a second call with sparse_mode 0. D < 128 is zero-padded to 128 (scores
+    unchanged). fp32 / fp8 q/k: :func:`_torch_indexer`."""
     B, S, Hi, D = q.shape
-    lengths = None if k_lengths is None else k_lengths.to(torch.int32).contiguous()
-    out = npu().npu_lightning_indexer(q.contiguous(), k.unsqueeze(2).contiguous(), weights.to(q.dtype).contiguous(),
-                                      actual_seq_lengths_query=None, actual_seq_lengths_key=lengths,
-                                      layout_query="BSND", layout_key="BSND", sparse_count=top_k,
-                                      sparse_mode=3 if causal else 0)
-    return out[:, :, 0, :].contiguous()
+    L = k.shape[1]
+    if B * S == 0 or L == 0:
+        return torch.full((B, S, top_k), -1, dtype=torch.int32, device=q.device)
+    if q.dtype in TORCH_OP_INDEXER_DTYPES:
+        return _torch_indexer(q, k, weights, top_k=top_k, causal=causal, q_offset=q_offset, k_lengths=k_lengths,
+                              q_scale=q_scale, k_scale=k_scale)
+    if D < INDEXER_HEAD_DIM:
+        q, k = F.pad(q, (0, INDEXER_HEAD_DIM - D)), F.pad(k, (0, INDEXER_HEAD_DIM - D))
+    qc, kc, wc = q.contiguous(), k.unsqueeze(2).contiguous(), weights.to(q.dtype).contiguous()
+    count = sparse_count_for(top_k)
+    k_len = (torch.full((B,), L, dtype=torch.int32, device=q.device) if k_lengths is None
+             else k_lengths.to(torch.int32))
+
+    def call(q_lens, k_lens, mode):
+        idx, _ = npu().npu_lightning_indexer(qc, kc, wc, actual_seq_lengths_query=q_lens, actual_seq_lengths_key=k_lens,
+                                            layout_query="BSND", layout_key="BSND", sparse_count=count,
+                                            sparse_mode=mode)
+        return idx[:, :, 0, :top_k]
+
+    if not causal:
+        return call(None, k_len.contiguous(), 0).contiguous()
+    if q_offset is None:
+        return call(None, k_len.contiguous(), 3).contiguous()
+    q_len, k_eff = causal_lengths(S, k_len, q_offset)
+    out = call(q_len.contiguous(), k_eff.contiguous(), 3)
+    if S > 1 and bool((q_len < S).any()):                # one host sync, only for multi-token steps
+        tail = torch.arange(S, device=q.device).view(1, S, 1) >= q_len.view(B, 1, 1)
+        out = torch.where(tail, call(None, k_len.contiguous(), 0), out)
+    return out.contiguous()
+
+
+# --- DSA: sparse attention ----------------------------------------------------------------------
+
+def _is_mla_view(k, v) -> bool:
+    """v is k[..., :512] of a [B, L, 1, 576] k (the MLA absorbed layout: one KV tensor)."""
+    return (k.shape[2] == 1 and k.shape[3] == SFA_NOPE_DIM + SFA_ROPE_DIM and v.shape[3] == SFA_NOPE_DIM
+            and v.data_ptr() == k.data_ptr() and v.stride() == k.stride())
+
+
+def _packed_fits(Dqk, Dv) -> bool:
+    return max(Dqk - SFA_ROPE_DIM, 0) + Dv <= SFA_NOPE_DIM
 
 
 def attention_supports(q, k, v, indices, *, scale, return_lse):
+    op = "npu_sparse_flash_attention"
+    if q.dtype == torch.float32:
+        return None                                      # torch ops on the NPU (_fp32_attention)
     if q.dtype not in HALF:
-        return f"npu_sparse_flash_attention takes bfloat16/float16 (got {q.dtype})"
-    mla = k.shape[2] == 1 and q.shape[3] == 576 and v.shape[3] == 512
-    if not mla and k.shape[3] != v.shape[3]:
-        return "npu_sparse_flash_attention needs Dqk == Dv (or the MLA 512 + 64 rope split)"
+        return f"{op} takes bfloat16/float16 (got {q.dtype})"
+    Hq, Hk = q.shape[2], k.shape[2]
+    if Hq // Hk not in SFA_Q_HEADS:
+        return f"{op} takes 1, 2, 4, ..., 128 query heads per KV head (got {Hq // Hk})"
+    if _is_mla_view(k, v):
+        return None
+    if not _packed_fits(q.shape[3], v.shape[3]):
+        return (f"{op} takes only the MLA shape (one KV tensor, 512 + 64 rope, V = K[..., :512]); other shapes are "
+                f"packed into it, which needs max(Dqk - 64, 0) + Dv <= 512 (got Dqk={q.shape[3]}, Dv={v.shape[3]})")
     return None
 
 
-def _lse(q, k, indices, scale):
-    """The logsumexp npu_sparse_flash_attention does not return, from plain torch ops on the NPU."""
-    B, S, Hq, _ = q.shape
-    Hk = k.shape[2]
-    valid = indices >= 0
-    batch = torch.arange(B, device=q.device)[:, None, None]
-    ks = k[batch, indices.clamp_min(0).long()].float().repeat_interleave(Hq // Hk, dim=3)     # [B, S, K, Hq, D]
-    s = torch.einsum("bthd,btjhd->bthj", q.float(), ks) * scale
-    return torch.logsumexp(s.masked_fill(~valid[:, :, None, :], float("-inf")), dim=-1)
+def _sfa(qn, qr, kn, kr, idx, scale, return_lse):
+    return npu().npu_sparse_flash_attention(qn, kn, kn, idx, float(scale), query_rope=qr, key_rope=kr,
+                                            sparse_block_size=1, layout_query="BSND", layout_kv="BSND", sparse_mode=0,
+                                            attention_mode=2, return_softmax_lse=return_lse)
+
+
+def _lse(mx, sm):
+    """softmax_max + log(softmax_sum), [B', N2, S, G] -> [B', S, N2 * G]."""
+    lse = mx + torch.log(sm)
+    Bp, N2, S, G = lse.shape
+    return lse.permute(0, 2, 1, 3).reshape(Bp, S, N2 * G)
+
+
+def _fp32_attention(q, k, v, indices, *, scale, return_lse):
+    """fp32, which the fused op does not take: the contract's arithmetic in torch ops on the device
+    (the reference kernel's code), a chunk of queries at a time so the gathered [B, chunk, K, Hk,
+    Dqk + Dv] keys and values stay within FP32_DSA_CHUNK_BYTES."""
+    from hal.backends.cpu import KERNELS
+    B, S, _, Dqk = q.shape
+    K, Hk, Dv = indices.shape[-1], k.shape[2], v.shape[3]
+    step = max(1, FP32_DSA_CHUNK_BYTES // max(1, 4 * B * K * Hk * (Dqk + Dv)))
+    parts = [KERNELS["sparse_attention"](q[:, t:t + step], k, v, indices[:, t:t + step], scale=scale, return_lse=True)
+             for t in range(0, S, step)]
+    out = torch.cat([p[0] for p in parts], 1)
+    return (out, torch.cat([p[1] for p in parts], 1)) if return_lse else out
 
 
 def sparse_attention(q, k, v, indices, *, scale, return_lse):
-    valid_first = torch.sort((indices < 0).to(torch.int8), dim=-1, stable=True).indices
-    idx = indices.gather(-1, valid_first).unsqueeze(2).expand(-1, -1, k.shape[2], -1).contiguous()
-    if k.shape[2] == 1 and q.shape[3] == 576 and v.shape[3] == 512:       # MLA: nope 512 + rope 64
-        out = npu().npu_sparse_flash_attention(
-            q[..., :512].contiguous(), k[..., :512].contiguous(), k[..., :512].contiguous(), idx, float(scale), 1,
-            query_rope=q[..., 512:].contiguous(), key_rope=k[..., 512:].contiguous(), layout_query="BSND",
-            layout_kv="BSND", sparse_mode=0)
+    """npu_sparse_flash_attention, attention_mode 2 (MLA absorbed), sparse_mode 0, indices reordered
+    valid-first. The MLA shape ([B, L, 1, 576] k, v = k[..., :512]) maps directly; any other shape
+    is packed into it: KV heads folded into the batch, q.k in the 64 rope columns (and the nope
+    columns before them), v in the nope columns after them, zeros elsewhere (a per-call copy of
+    K/V). lse = softmax_max + log(softmax_sum) from the op (return_softmax_lse). fp32:
+    :func:`_fp32_attention`."""
+    B, S, Hq, Dqk = q.shape
+    L, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    K = indices.shape[-1]
+    valid = indices >= 0
+    if B * S == 0 or L == 0 or K == 0:
+        out = torch.zeros(B, S, Hq, Dv, dtype=q.dtype, device=q.device)
+        lse = torch.full((B, S, Hq), float("-inf"), device=q.device)
+        return (out, lse) if return_lse else out
+    if q.dtype == torch.float32:
+        return _fp32_attention(q, k, v, indices, scale=scale, return_lse=return_lse)
+    order = torch.sort((~valid).to(torch.int8), dim=-1, stable=True).indices
+    idx = indices.gather(-1, order)
+    any_valid = valid.any(-1)                                                 # [B, S]
+    if _is_mla_view(k, v):
+        out, mx, sm = _sfa(q[..., :SFA_NOPE_DIM].contiguous(), q[..., SFA_NOPE_DIM:].contiguous(),
+                           k[..., :SFA_NOPE_DIM].contiguous(), k[..., SFA_NOPE_DIM:].contiguous(),
+                           idx.unsqueeze(2).contiguous(), scale, return_lse)
+        lse = _lse(mx, sm) if return_lse else None
     else:
-        out = npu().npu_sparse_flash_attention(q.contiguous(), k.contiguous(), v.contiguous(), idx, float(scale), 1,
-                                               layout_query="BSND", layout_kv="BSND", sparse_mode=0)
-    return (out, _lse(q, k, indices, scale)) if return_lse else out
+        G, r = Hq // Hk, min(SFA_ROPE_DIM, Dqk)
+        n = Dqk - r
+        qh = q.view(B, S, Hk, G, Dqk).permute(0, 2, 1, 3, 4).reshape(B * Hk, S, G, Dqk)
+        qn = q.new_zeros(B * Hk, S, G, SFA_NOPE_DIM)
+        qr = q.new_zeros(B * Hk, S, G, SFA_ROPE_DIM)
+        qn[..., :n], qr[..., :r] = qh[..., :n], qh[..., n:]
+        kh, vh = k.permute(0, 2, 1, 3).reshape(B * Hk, L, 1, Dqk), v.permute(0, 2, 1, 3).reshape(B * Hk, L, 1, Dv)
+        kn = k.new_zeros(B * Hk, L, 1, SFA_NOPE_DIM)
+        kr = k.new_zeros(B * Hk, L, 1, SFA_ROPE_DIM)
+        kn[..., :n], kn[..., n:n + Dv], kr[..., :r] = kh[..., :n], vh, kh[..., n:]
+        ih = idx.unsqueeze(1).expand(B, Hk, S, K).reshape(B * Hk, S, 1, K).contiguous()
+        o, mx, sm = _sfa(qn, qr, kn, kr, ih, scale, return_lse)
+        out = o[..., n:n + Dv].reshape(B, Hk, S, G, Dv).permute(0, 2, 1, 3, 4).reshape(B, S, Hq, Dv)
+        lse = _lse(mx, sm).view(B, Hk, S, G).permute(0, 2, 1, 3).reshape(B, S, Hq) if return_lse else None
+    out = torch.where(any_valid[:, :, None, None], out, torch.zeros((), dtype=out.dtype, device=out.device))
+    if not return_lse:
+        return out.contiguous()
+    return out.contiguous(), torch.where(any_valid[:, :, None], lse, float("-inf")).float()

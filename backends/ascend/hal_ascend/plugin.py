@@ -47,27 +47,32 @@ def soc_family(name: str) -> str:
 
 
 def capability_table(soc: str) -> dict:
-    """Per op: path and note for a chip family."""
-    from hal_ascend.ops import (attention_supports, finalize_supports, forward_supports, indexer_supports,
-                                route_supports)
-    halves = ("bfloat16", "float16")
+    """Per op: path and note for a chip family (the limits are those of Atlas A2/A3)."""
+    from hal_ascend.ops import (attention_supports, dispatch_supports, experts_supports, finalize_supports,
+                                forward_supports, indexer_supports, route_supports)
+    floats = ("float32", "bfloat16", "float16")
     caps = {
-        "moe_route": OpCapability("native", ("float32", "bfloat16", "float16"), "npu_moe_gating_top_k (sigmoid) / "
-                                  "npu_moe_gating_top_k_softmax", supports=route_supports),
-        "moe_dispatch": OpCapability("native", ("float32", "bfloat16", "float16"), "npu_moe_init_routing_v2 "
-                                     "(+ padding to align with torch ops)"),
-        "moe_experts": OpCapability("native", ("float32", "bfloat16", "float16"), "npu_grouped_matmul + npu_swiglu"),
-        "moe_combine": (OpCapability("native", ("float32", "bfloat16", "float16"), "npu_moe_finalize_routing "
+        "moe_route": OpCapability("native", floats, "npu_moe_gating_top_k (group score: max without a correction "
+                                  "bias, top-2 sum with one) / npu_moe_gating_top_k_softmax", supports=route_supports),
+        "moe_dispatch": OpCapability("native", floats, "npu_moe_init_routing_v2 (+ padding to align with torch ops)",
+                                     supports=dispatch_supports),
+        "moe_experts": OpCapability("native", floats, "npu_grouped_matmul + npu_swiglu, weights as laid out by "
+                                    "prepare_weights (no per-call copy); FP8 weights: only the experts that got rows "
+                                    "dequantized to fp32 (emulated)", supports=experts_supports),
+        "moe_combine": (OpCapability("native", floats, "npu_moe_finalize_routing "
                                      "(HAL_ASCEND_COMBINE=finalize_routing)", supports=finalize_supports)
                         if combine_path() == "finalize_routing" else
-                        OpCapability("native", ("float32", "bfloat16", "float16"), "torch ops on the NPU (fp32 "
-                                     "weights; npu_moe_finalize_routing rounds them to the rows' dtype)")),
-        "moe_forward": OpCapability("native", ("float32", "bfloat16", "float16"), "route -> init_routing_v2 -> "
-                                    "grouped_matmul -> combine", supports=forward_supports),
-        "lightning_indexer": OpCapability("native", halves, "npu_lightning_indexer (BSND, sparse_mode 3/0)",
+                        OpCapability("native", floats, "torch ops on the NPU (fp32 weights; npu_moe_finalize_routing "
+                                     "rounds them to the rows' dtype)")),
+        "moe_forward": OpCapability("native", floats, "route -> init_routing_v2 -> grouped_matmul -> combine",
+                                    supports=forward_supports),
+        "lightning_indexer": OpCapability("native", floats + ("float8_e4m3fn",), "npu_lightning_indexer (bf16/fp16; BSND, rightDownCausal "
+                                          "with actual_seq_lengths for q_offset / k_lengths; D < 128 zero-padded); fp32 / "
+                                          "fp8: the contract's arithmetic as torch ops on the NPU",
                                           supports=indexer_supports),
-        "sparse_attention": OpCapability("native", halves, "npu_sparse_flash_attention (MLA: 512 + 64 rope split); "
-                                         "the logsumexp, which it does not return, by torch ops",
+        "sparse_attention": OpCapability("native", floats, "npu_sparse_flash_attention (bf16/fp16; attention_mode 2, "
+                                         "MLA 512 + 64 rope, other shapes packed into it; lse = softmax_max + "
+                                         "log(softmax_sum)); fp32: the contract's arithmetic as torch ops on the NPU",
                                          supports=attention_supports),
     }
     fp8_note = ("Ascend 950 has FP8 units, but no FP8 GEMM mapping is certified yet: the reference arithmetic runs "
@@ -76,9 +81,29 @@ def capability_table(soc: str) -> dict:
                 "operands on the NPU (declared emulation)")
     for op in FP8_OPS:
         caps[op] = OpCapability("emulated", ("float8_e4m3fn",), fp8_note)
-    caps["moe_experts"] = OpCapability("native", caps["moe_experts"].dtypes, caps["moe_experts"].note + "; FP8 "
-                                       "weights: dequantized to fp32 (emulated)")
     return caps
+
+
+EXPERT_WEIGHT_OPS = ("moe_experts", "moe_forward")
+
+
+def prepare_expert_weights(op: str, weights: dict) -> dict:
+    """Lay out expert weights once, at load: w_gate_up [E, 2I, H] and w_down [E, H, I] (bf16 /
+    fp16 / fp32) get contiguous [E, K, N] storage (npu_grouped_matmul's operand, cast to FRACTAL_NZ
+    on a real NPU), returned as its transposed view: the same shape, dtype and values as given,
+    so the kernels' transpose is free (:func:`hal_ascend.ops.gmm_weight`). FP8 weights, scales and
+    every other op's tensors come back unchanged."""
+    import torch
+
+    from hal_ascend.npu import format_cast_nz
+    out = dict(weights)
+    if op not in EXPERT_WEIGHT_OPS:
+        return out
+    for name in ("w_gate_up", "w_down"):
+        w = out.get(name)
+        if isinstance(w, torch.Tensor) and w.dim() == 3 and w.dtype in (torch.float32, torch.bfloat16, torch.float16):
+            out[name] = format_cast_nz(w.transpose(1, 2).contiguous()).transpose(1, 2)
+    return out
 
 
 class AscendBackend(Backend):
@@ -94,9 +119,18 @@ class AscendBackend(Backend):
         import torch
         versions = {"hal-ascend": self.version, "torch": torch.__version__}
         if emulating():
+            from hal_ascend.npu import binding
+            from hal_ascend.schema import NpuSchemaError
+            try:
+                b = binding()
+            except NpuSchemaError as exc:
+                return Availability(False, f"the torch_npu emulator cannot bind to the installed wheel: {exc}",
+                                    versions=versions)
+            if b.bound:
+                versions["torch_npu (schemas)"] = b.version
             return Availability(True, "emulated torch_npu (no NPU hardware): HAL_ASCEND_EMULATE=1 runs the backend on "
-                                "CPU tensors through hal_ascend.emulator", device="CPU (torch_npu emulator)",
-                                versions=versions, label=EMULATE_LABEL)
+                                f"CPU tensors through hal_ascend.emulator, {b.describe()}",
+                                device="CPU (torch_npu emulator)", versions=versions, label=EMULATE_LABEL)
         try:
             import torch_npu
         except BaseException as exc:  # noqa: BLE001 - an ImportError from a C extension, or worse
@@ -118,6 +152,10 @@ class AscendBackend(Backend):
 
     def capabilities(self):
         return capability_table(self.soc.split()[0])
+
+    def prepare_weights(self, op: str, weights: dict) -> dict:
+        """The hal.Backend hook models call once at load: see :func:`prepare_expert_weights`."""
+        return prepare_expert_weights(op, weights)
 
     def kernels(self):
         from hal.backends.cpu import KERNELS

@@ -4,7 +4,7 @@ block-scaled FP8 GEMM everywhere else.
 Triton kernel: one program per (BLOCK_M x BLOCK_N) output tile; the K loop walks 128-wide blocks
 (the scale granularity), each block's fp8 x fp8 dot accumulates in fp32 and is promoted with
 ``a_scale[m, kb] * b_scale[n // 128, kb]`` (DeepGEMM's per-block promotion); partial M, N, K are
-masked. cuBLAS path (SM90, cuBLASLt >= 12.9, K % 128 == 0, N % 16 == 0): ``torch._scaled_mm`` with
+masked; row offsets are int64 (M * K passes 2^31 at 4096 x 7168 x ... prefill batches). cuBLAS path (SM90, cuBLASLt >= 12.9, K % 128 == 0, N % 16 == 0): ``torch._scaled_mm`` with
 1x128 activation scales laid out column-major [M, K/128] and ``b_scale.t()`` as 128x128 weight
 scales; :func:`plan_cublas` decides and :func:`cublas_scales` builds the layouts (both tested on
 the CPU; the numbers only on a GPU through ci/gpu_check.sh).
@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from hal_cuda._triton import INTERPRET, finish, out_buffer
+from hal_cuda.launch import fp8_gemm_config, fp8_gemm_grid
 
 
 @triton.jit
@@ -28,18 +29,20 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, KB,
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
+    a_rows = a_ptr + rm.to(tl.int64)[:, None] * K          # M * K, N * K and M * N may pass 2^31
+    b_rows = b_ptr + rn.to(tl.int64)[:, None] * K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, KB):
         k = kb * BLOCK_K + rk
-        a = tl.load(a_ptr + rm[:, None] * K + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0)
-        b = tl.load(b_ptr + rn[:, None] * K + k[None, :], mask=(rn[:, None] < N) & (k[None, :] < K), other=0.0)
+        a = tl.load(a_rows + k[None, :], mask=(rm[:, None] < M) & (k[None, :] < K), other=0.0)
+        b = tl.load(b_rows + k[None, :], mask=(rn[:, None] < N) & (k[None, :] < K), other=0.0)
         part = tl.dot(a, tl.trans(b), out_dtype=tl.float32)
-        sa = tl.load(as_ptr + rm * KB + kb, mask=rm < M, other=0.0)
+        sa = tl.load(as_ptr + rm.to(tl.int64) * KB + kb, mask=rm < M, other=0.0)
         sb = tl.load(bs_ptr + (rn // 128) * KB + kb, mask=rn < N, other=0.0)
         acc += part * sa[:, None] * sb[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc.to(c_ptr.dtype.element_ty),
+    tl.store(c_ptr + rm.to(tl.int64)[:, None] * N + rn[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
@@ -49,12 +52,13 @@ def triton_fp8_gemm(a, a_scale, b, b_scale, out_dtype, bias=None):
     c = out_buffer((M, N), out_dtype, a.device)
     if M == 0:
         return finish(c, out_dtype)
-    bm, bn = (16, 32) if INTERPRET else (64 if M <= 64 else 128, 128)
-    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
-    _fp8_gemm_kernel[grid](a, a_scale.contiguous(), b, b_scale.contiguous(),
-                           bias.float().contiguous() if bias is not None else a_scale, c, M, N, K, triton.cdiv(K, 128),
-                           HAS_BIAS=bias is not None, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=128,
-                           **({} if INTERPRET else {"num_warps": 8, "num_stages": 3}))
+    cfg = fp8_gemm_config(M, interpret=INTERPRET)
+    _fp8_gemm_kernel[fp8_gemm_grid(M, N, cfg)](a, a_scale.contiguous(), b, b_scale.contiguous(),
+                                              bias.float().contiguous() if bias is not None else a_scale, c, M, N, K,
+                                              triton.cdiv(K, 128), HAS_BIAS=bias is not None, BLOCK_M=cfg.BLOCK_M,
+                                              BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
+                                              **({} if INTERPRET else {"num_warps": cfg.num_warps,
+                                                                       "num_stages": cfg.num_stages}))
     return finish(c, out_dtype)
 
 

@@ -1,13 +1,25 @@
 """``fp8_quantize``: one fused Triton kernel (amax, scale, optional ue8m0 rounding, saturating cast).
 
-One program per (token row, 128-channel group); scales in fp32 or ue8m0; NaN in a group makes the
-whole group NaN, Inf makes its element NaN and the rest 0, exactly as the contract says.
+One program per (token row, 128-channel group); scales in fp32 (amax / 448 with a round-to-nearest
+division) or ue8m0 (rounded up from the scale's bits); NaN in a group makes the whole group NaN,
+Inf makes its element NaN and the rest 0, exactly as the contract says.
 """
 import torch
 import triton
 import triton.language as tl
 
 from hal_cuda._triton import div_rn, e4m3_bits, next_pow2
+
+
+@triton.jit
+def ceil_to_ue8m0(s):
+    """fp32 s > 0 -> the smallest power of two >= s, from the bits (biased exponent + 1 when the
+    mantissa is not zero, clamped to 2^-126 .. 2^127; exp2(ceil(log2 s)) rounds down just above a
+    power of two); inf and NaN stay as they are."""
+    bits = s.to(tl.int32, bitcast=True)
+    biased = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    p2 = (tl.minimum(tl.maximum(biased, 1), 254) << 23).to(tl.float32, bitcast=True)
+    return tl.where(((bits >> 23) & 0xFF) == 0xFF, s, p2)
 
 
 @triton.jit
@@ -19,9 +31,9 @@ def _quantize_kernel(x_ptr, q_ptr, s_ptr, K, G, group_size, UE8M0: tl.constexpr,
     x = tl.load(x_ptr + row * K + offs, mask=mask, other=0.0).to(tl.float32)
     has_nan = tl.sum((x != x).to(tl.int32), axis=0) > 0
     amax = tl.max(tl.abs(x), axis=0)
-    s = tl.maximum(amax, 1e-4) / 448.0
+    s = div_rn(tl.maximum(amax, 1e-4), 448.0)
     if UE8M0:
-        s = tl.exp2(tl.ceil(tl.log2(s)))
+        s = ceil_to_ue8m0(s)
     s = tl.where(has_nan, float("nan"), s)
     y = div_rn(x, s)
     y = tl.where(y != y, y, tl.minimum(tl.maximum(y, -448.0), 448.0))

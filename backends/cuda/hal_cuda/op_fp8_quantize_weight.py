@@ -17,7 +17,7 @@ def _weight_kernel(w_ptr, q_ptr, s_ptr, N, K, KB, block, BLOCK: tl.constexpr):
     w = tl.load(w_ptr + rows[:, None] * K + cols[None, :], mask=mask, other=0.0).to(tl.float32)
     has_nan = tl.sum(tl.sum((w != w).to(tl.int32), axis=1), axis=0) > 0
     amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
-    s = tl.where(has_nan, float("nan"), tl.maximum(amax, 1e-4) / 448.0)
+    s = tl.where(has_nan, float("nan"), div_rn(tl.maximum(amax, 1e-4), 448.0))
     y = div_rn(w, s)
     y = tl.where(y != y, y, tl.minimum(tl.maximum(y, -448.0), 448.0))
     tl.store(q_ptr + rows[:, None] * K + cols[None, :], e4m3_bits(y), mask=mask)

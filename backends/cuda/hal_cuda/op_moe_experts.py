@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from hal_cuda._triton import INTERPRET, finish
+from hal_cuda.launch import grouped_gemm_config, grouped_gemm_grid, grouped_gemm_precision
 from hal_cuda.op_fp8_quantize import quantize_rows
 
 
@@ -29,20 +30,21 @@ def _grouped_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, offsets_ptr, cou
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
-    row = start + rm
+    row = start + rm                                   # int64: T * k * H passes 2^31 in prefill
     rmask = rm < count
     w_base = w_ptr + e.to(tl.int64) * N * K
+    rn64 = rn.to(tl.int64)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, tl.cdiv(K, BLOCK_K)):
         k = kb * BLOCK_K + rk
         a = tl.load(x_ptr + row[:, None] * K + k[None, :], mask=rmask[:, None] & (k[None, :] < K), other=0.0)
-        b = tl.load(w_base + rn[:, None] * K + k[None, :], mask=(rn[:, None] < N) & (k[None, :] < K), other=0.0)
+        b = tl.load(w_base + rn64[:, None] * K + k[None, :], mask=(rn[:, None] < N) & (k[None, :] < K), other=0.0)
         if UPCAST:
             a, b = a.to(tl.float32), b.to(tl.float32)
         part = tl.dot(a, tl.trans(b), out_dtype=tl.float32, input_precision=PRECISION)
         if FP8:
             sa = tl.load(xs_ptr + row * KB + kb, mask=rmask, other=0.0)
-            sb = tl.load(ws_ptr + e * NB * KB + (rn // 128) * KB + kb, mask=rn < N, other=0.0)
+            sb = tl.load(ws_ptr + e.to(tl.int64) * NB * KB + (rn // 128) * KB + kb, mask=rn < N, other=0.0)
             acc += part * sa[:, None] * sb[None, :]
         else:
             acc += part
@@ -62,17 +64,18 @@ def grouped_gemm(x, w, plan, w_scale=None, out_dtype=None):
     fp8 = w_scale is not None
     if fp8:
         xq, xs = quantize_rows(x, 128, False)
-        block_k = 128
     else:
         if x.dtype != w.dtype:                   # mixed activation / weight dtypes: compute in fp32
             x, w = x.float(), w.float()
-        xq, xs, block_k = x.contiguous(), x, 32 if INTERPRET else 64
-    bm, bn = (16, 32) if INTERPRET else (64, 128)
-    grid = (triton.cdiv(R, bm), triton.cdiv(N, bn), E)
-    _grouped_gemm_kernel[grid](xq, xs, w.contiguous(), w_scale.contiguous() if fp8 else w, out, plan.offsets,
-                               plan.tokens_per_expert, N, K, triton.cdiv(K, 128), triton.cdiv(N, 128),
-                               FP8=fp8, PRECISION="ieee" if xq.dtype == torch.float32 or INTERPRET else "tf32",
-                               UPCAST=INTERPRET and not fp8, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=block_k)
+        xq, xs = x.contiguous(), x
+    cfg = grouped_gemm_config(fp8=fp8, interpret=INTERPRET, fp32=xq.dtype == torch.float32)
+    precision = grouped_gemm_precision("fp32" if xq.dtype == torch.float32 else "other", interpret=INTERPRET)
+    launch = {} if INTERPRET else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    _grouped_gemm_kernel[grouped_gemm_grid(R, N, E, cfg)](
+        xq, xs, w.contiguous(), w_scale.contiguous() if fp8 else w, out, plan.offsets, plan.tokens_per_expert, N, K,
+        triton.cdiv(K, 128), triton.cdiv(N, 128), FP8=fp8,
+        PRECISION=precision, UPCAST=INTERPRET and not fp8,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, **launch)
     return finish(out, dtype)
 
 

@@ -3,7 +3,8 @@ selection, top-k, renormalize, scaling).
 
 Selection works on the contract's rules: NaN scores rank below every number, ties go to the lower
 index, and an already-picked entry is excluded by a mask (not by -inf, which would tie with real
--inf scores). Top-2-per-group sums, kept groups and the top-k are found by k rounds of
+-inf scores). A group scores its best expert without a bias and its best two summed with one.
+Group scores, kept groups and the top-k are found by k rounds of
 max-then-lowest-index, which for the small k of MoE routing (<= 8-16) is cheaper than a sort.
 """
 import torch
@@ -43,14 +44,15 @@ def _route_kernel(x_ptr, bias_ptr, w_ptr, ids_ptr, E, scaling,
         per = E // N_GROUP
         grp = e // per
         gscore_keep = tl.zeros((BLOCK_E,), dtype=tl.int1)
-        # group score = sum of the top-2 (top-1 when a group holds one expert)
+        # group score: the best c without a bias, the sum of the best two with one (DeepSeek's Gate)
         gsum = tl.zeros((BLOCK_E,), dtype=tl.float32)
         for g in tl.static_range(N_GROUP):
             ing = valid & (grp == g)
             first = _pick(c, ing, e, BLOCK_E)
-            v1 = tl.max(tl.where(e == first, c, float("-inf")), axis=0)
-            v2 = tl.max(tl.where(ing & (e != first), c, float("-inf")), axis=0)
-            total = tl.where(per > 1, v1 + v2, v1)
+            total = tl.max(tl.where(e == first, c, float("-inf")), axis=0)
+            if HAS_BIAS:    # plus the second best (none when a group holds one expert)
+                second = tl.max(tl.where(ing & (e != first), c, float("-inf")), axis=0)
+                total = tl.where(per > 1, total + second, total)
             gsum = tl.where(e == g, total, gsum)
         gavail = e < N_GROUP
         for _ in tl.static_range(TOPK_GROUP):

@@ -23,7 +23,8 @@ if interpreting():
 
 
 class CudaBackend(Backend):
-    """NVIDIA GPUs through Triton kernels (and cuBLAS block-scaled FP8 on SM90)."""
+    """NVIDIA GPUs through Triton kernels (and cuBLAS block-scaled FP8 on SM90); compute
+    capability 8.0 or newer, the FP8 ops from 8.9 (see :func:`fp8_unavailable_reason`)."""
 
     name = "cuda"
     priority = 30
@@ -57,7 +58,9 @@ class CudaBackend(Backend):
         if cc < (8, 0):
             return Availability(False, f"compute capability {cc[0]}.{cc[1]} is below 8.0 (the Triton kernels need "
                                 "Ampere or newer)", versions=versions)
-        return Availability(True, f"cuda: {torch.cuda.get_device_name(0)} (sm_{cc[0]}{cc[1]})",
+        fp8 = fp8_unavailable_reason(cc)
+        fp8_note = f"; FP8 ops unavailable: {fp8}" if fp8 else ""
+        return Availability(True, f"cuda: {torch.cuda.get_device_name(0)} (sm_{cc[0]}{cc[1]}){fp8_note}",
                             device=f"{torch.cuda.get_device_name(0)} (compute capability {cc[0]}.{cc[1]})",
                             versions=versions, label=f"cuda ({torch.cuda.get_device_name(0)})")
 
@@ -79,9 +82,49 @@ def _capability():
     return torch.cuda.get_device_capability(0)
 
 
+FP8_MIN_CAPABILITY = (8, 9)
+
+
+def fp8_unavailable_reason(cc) -> "str | None":
+    """Why the FP8 kernels cannot run on compute capability ``cc`` (a (major, minor) pair), or
+    None from sm_89 (Ada, Hopper and newer). Below 8.9 Triton has no e4m3 type
+    ("fp8e4nv not supported"), so the FP8 kernels do not compile: the ops are declined."""
+    if cc is None or tuple(cc) >= FP8_MIN_CAPABILITY:
+        return None
+    return (f"compute capability {cc[0]}.{cc[1]} < 8.9: no float8_e4m3fn support in Triton on this GPU "
+            "(the FP8 kernels do not compile for it)")
+
+
+def _decline(reason):
+    def supports(*args, **kwargs):
+        return reason
+    return supports
+
+
+def _decline_fp8_weights(reason):
+    def supports(*args, w_gate_up_scale=None, **kwargs):
+        return reason if w_gate_up_scale is not None else None
+    return supports
+
+
+def _decline_fp8_indexer(reason):
+    def supports(q, *args, **kwargs):
+        return reason if q.dtype == _float8() else None
+    return supports
+
+
+def _float8():
+    import torch
+    return torch.float8_e4m3fn
+
+
 def capability_table(cc) -> dict:
-    """Per op: native, or (FP8 below compute capability 8.9) emulated: the same Triton kernels
-    compute the fp8 values in fp32 on GPUs without FP8 tensor cores."""
+    """Per op: how it runs on compute capability ``cc`` (None: the Triton interpreter).
+
+    From sm_89 every op is native. Below it the FP8 ops are declined on every call, and
+    moe_experts / moe_forward with FP8 weights and lightning_indexer with float8 q/k are declined
+    per call (their ``supports`` gives :func:`fp8_unavailable_reason`), so the runtime's fallback
+    policy applies and says why; their bf16/fp16/fp32 calls stay native."""
     caps = {op: OpCapability("native", FLOATS, "Triton kernel") for op in OPS}
     for op in ("moe_dispatch", "moe_combine"):
         caps[op] = OpCapability("native", FLOATS, "device-side torch ops (histogram, prefix sum, permutation)")
@@ -91,11 +134,19 @@ def capability_table(cc) -> dict:
     caps["fp8_linear"] = OpCapability("native", FLOATS, "fused Triton quantize + FP8 GEMM")
     caps["moe_experts"] = OpCapability("native", FLOATS + ("float8_e4m3fn",),
                                        "torch._grouped_mm (bf16, SM90) or the Triton grouped GEMM")
-    if cc is not None and tuple(cc) < (8, 9):
-        for op in FP8_OPS + ("moe_experts", "moe_forward"):
-            caps[op] = OpCapability("emulated", caps[op].dtypes,
-                                    f"compute capability {cc[0]}.{cc[1]} < 8.9 has no FP8 tensor cores: fp8 operands "
-                                    "are converted to fp32/bf16 inside the Triton kernels")
+    caps["lightning_indexer"] = OpCapability("native", FLOATS + ("float8_e4m3fn",),
+                                             "Triton kernel (tensor-core dots), running top-k per key chunk")
+    caps["sparse_attention"] = OpCapability("native", FLOATS, "Triton sparse flash attention (tensor-core dots "
+                                            "from 16 query heads per key head)")
+    reason = fp8_unavailable_reason(cc)
+    if reason is not None:
+        for op in FP8_OPS:
+            caps[op] = OpCapability("native", (), f"unavailable: {reason}", supports=_decline(reason))
+        for op in ("moe_experts", "moe_forward"):
+            caps[op] = OpCapability("native", FLOATS, f"{caps[op].note}; FP8 weights declined: {reason}",
+                                    supports=_decline_fp8_weights(reason))
+        caps["lightning_indexer"] = OpCapability("native", FLOATS, f"{caps['lightning_indexer'].note}; float8 q/k "
+                                                 f"declined: {reason}", supports=_decline_fp8_indexer(reason))
     return caps
 
 

@@ -27,7 +27,7 @@ def fp8_quantize(x, *, group_size, scale_format):
 class ExampleBackend(hal.Backend):
     name = "example"
     device_type = "cpu"
-    priority = 1
+    priority = -10        # an example: never the backend "auto" picks (the reference is 0)
 
     def probe(self):
         return hal.Availability(True, "plain torch on the CPU", device="cpu", versions={"torch": torch.__version__})

@@ -1,4 +1,4 @@
-"""The runtime: every contract op bound to one kernel, once.
+"""Binding: every contract op bound to one kernel, once (what `hal.runtime(...)` returns).
 
 ``hal.runtime(backend="auto", fallback="reference", profile=False)`` resolves, for each op of the
 contract, which kernel runs it (the backend's native or emulated kernel, or the CPU reference as a
@@ -24,8 +24,9 @@ from typing import Any, Callable, Optional
 import torch
 
 from hal.contract import CONTRACT, DispatchPlan, OpSpec
-from hal.errors import BackendUnavailable, UnsupportedCase
-from hal.registry import BackendRecord, Registry, get_registry
+from hal.contract._spec import _CHECKED_HERE, checked_mode
+from hal.errors import BackendUnavailable, KernelOutputError, UnsupportedCase
+from hal.registry import REFERENCE, BackendRecord, Registry, get_registry
 
 FALLBACKS = ("reference", "error")
 
@@ -87,22 +88,81 @@ def _sync(device: torch.device) -> None:
             acc.synchronize()
 
 
+VALIDATED_CACHE_SIZE = 4096
+
+
+def _tensor_key(name: str) -> str:
+    return f"(None if {name} is None else ({name}.shape, {name}.dtype, {name}.device))"
+
+
+def _plan_key(name: str) -> str:
+    fields = ", ".join(f"{name}.{f}.shape, {name}.{f}.dtype, {name}.{f}.device"
+                       for f in ("hidden", "tokens_per_expert", "offsets", "source"))
+    return f"{name}.__class__, {fields}, {name}.num_tokens, {name}.top_k, {name}.align"
+
+
+def _call_key(spec: OpSpec) -> str:
+    """Source of the expression a bound op uses as its validation-cache key: every tensor's
+    shape, dtype and device, every other argument's value and type."""
+    parts = []
+    for p in spec.signature.parameters.values():
+        ann = str(p.annotation)
+        if "DispatchPlan" in ann:
+            parts.append(_plan_key(p.name))
+        elif "Tensor" in ann:
+            parts.append(_tensor_key(p.name))
+        else:
+            parts.append(f"{p.name}, {p.name}.__class__")
+    return "(" + ", ".join(parts) + ",)"
+
+
+def check_outputs(spec: OpSpec, backend: str, out, args: tuple, kwargs: dict) -> None:
+    """Raise :class:`hal.errors.KernelOutputError` unless ``out`` has the shapes and dtypes the
+    contract gives for this call (``spec.meta``; a ``None`` extent matches any size)."""
+    if spec.returns == "plan":
+        if not isinstance(out, DispatchPlan):
+            raise KernelOutputError(spec.name, backend, "its result", "a hal.DispatchPlan", type(out).__name__)
+        flat = list(out.tensors())
+    elif spec.returns == "tuple" and isinstance(out, tuple):
+        flat = list(out)
+    else:
+        flat = [out]
+    want = spec.expected_outputs(*args, **kwargs)
+    if len(flat) != len(want):
+        raise KernelOutputError(spec.name, backend, "its result", f"{len(want)} output(s)", f"{len(flat)}")
+    for (name, shape, dtype), t in zip(want, flat):
+        if not isinstance(t, torch.Tensor):
+            raise KernelOutputError(spec.name, backend, name, "a tensor", type(t).__name__)
+        if t.dtype != dtype:
+            raise KernelOutputError(spec.name, backend, name, f"dtype {dtype}", t.dtype)
+        if len(t.shape) != len(shape) or any(w is not None and w != g for w, g in zip(shape, t.shape)):
+            shown = tuple("*" if w is None else w for w in shape)
+            raise KernelOutputError(spec.name, backend, name, f"shape {shown}", tuple(t.shape))
+
+
 def make_bound_op(spec: OpSpec, kernel: Callable, *, supports: Optional[Callable] = None,
                   fallback: Optional[Callable] = None, entry: Optional[PlanEntry] = None,
-                  profile: bool = False, backend_name: str = "", validate: bool = True) -> Callable:
+                  profile: bool = False, backend_name: str = "", validate: bool = True,
+                  checked: Optional[bool] = None) -> Callable:
     """Build ``spec.name(...)`` with the op's exact signature: validate, then call ``kernel``.
 
     The function is generated once (so ``help(rt.moe_route)`` shows the contract signature and
     docstring) and passes every argument explicitly, so kernels never depend on defaults.
+    Validation is cached per call signature (each tensor's shape, dtype and device and every
+    other argument's value and type) when no data-dependent check applies (device tensors
+    outside checked mode), so a decode loop pays the structural checks once. In checked mode
+    (``checked=True``, or the process default when ``checked`` is None) every output's shape and
+    dtype is also compared with the contract (:class:`hal.errors.KernelOutputError`).
     """
     sig = spec.signature
     params = list(sig.parameters.values())
     call = ", ".join(p.name if p.kind is p.POSITIONAL_OR_KEYWORD else f"{p.name}={p.name}" for p in params)
-    header = str(sig.replace(return_annotation=inspect.Signature.empty))
     env: dict[str, Any] = {"_validate": spec.validate, "_kernel": kernel, "_supports": supports,
                            "_fallback": fallback, "_entry": entry, "_perf": time.perf_counter,
                            "_sync": _sync, "_device_of": _device_of, "_Unsupported": UnsupportedCase,
-                           "_backend": backend_name, "_op": spec.name, "_warn": _warn_once}
+                           "_backend": backend_name, "_op": spec.name, "_warn": _warn_once, "_seen": {},
+                           "_checked": checked_mode, "_CV": _CHECKED_HERE, "_mode": checked,
+                           "_check_out": check_outputs, "_spec": spec, "_cap": VALIDATED_CACHE_SIZE}
     for p in params:
         if p.default is not inspect.Parameter.empty:
             env[f"_d_{p.name}"] = p.default
@@ -110,8 +170,16 @@ def make_bound_op(spec: OpSpec, kernel: Callable, *, supports: Optional[Callable
         ("*, " if p.kind is p.KEYWORD_ONLY and (i == 0 or params[i - 1].kind is not p.KEYWORD_ONLY) else "")
         + p.name + (f"=_d_{p.name}" if p.default is not inspect.Parameter.empty else "")
         for i, p in enumerate(params)) + ")"
-    body = [f"    _validate({call})"] if validate else []
     first = params[0].name
+    first_device = f"{first}.hidden.device" if "DispatchPlan" in str(params[0].annotation) else f"{first}.device"
+    body = []
+    if validate:
+        body += ["    try:", f"        _key = {_call_key(spec)}", "        _hit = _key in _seen and not _checked()",
+                 "    except Exception:", "        _key, _hit = None, False",
+                 "    if not _hit:", f"        _validate({call})",
+                 f"        if _key is not None and {first_device}.type != 'cpu' and not _checked():",
+                 "            if len(_seen) >= _cap:", "                _seen.clear()",
+                 "            _seen[_key] = None"]
     if profile:
         body += [f"    _dev = _device_of(({first},), {{}})", "    _t0 = _perf()"]
     done = (["    _sync(_dev)", "    _entry.calls += 1", "    _entry.total_s += _perf() - _t0"] if profile else [])
@@ -128,13 +196,19 @@ def make_bound_op(spec: OpSpec, kernel: Callable, *, supports: Optional[Callable
         body.append("        return _out")
     body.append(f"    _out = _kernel({call})")
     body += done
+    body += ["    if _checked():", f"        _check_out(_spec, _backend, _out, ({', '.join(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)},), "
+             f"{{{', '.join(repr(p.name) + ': ' + p.name for p in params if p.kind is p.KEYWORD_ONLY)}}})"]
     body.append("    return _out")
+    if checked is not None:            # this runtime's own checked mode, for everything the call does
+        body = ["    _tok = _CV.set(_mode)", "    try:"] + ["    " + line for line in body] + \
+               ["    finally:", "        _CV.reset(_tok)"]
     src = f"def {spec.name}{header}:\n" + "\n".join(body) + "\n"
     exec(compile(src, f"<hal bound op {spec.name}>", "exec"), env)  # noqa: S102 - generated from the spec
     fn = env[spec.name]
     fn.__doc__ = spec.doc
     fn.__signature__ = sig
     fn.__qualname__ = spec.name
+    fn.__hal_source__ = src
     return fn
 
 
@@ -153,7 +227,7 @@ class Runtime:
     """Contract ops bound to kernels. Build with :func:`hal.runtime`; call ops as attributes."""
 
     def __init__(self, record: BackendRecord, *, fallback: str = "reference", profile: bool = False,
-                 validate: bool = True):
+                 validate: bool = True, checked: Optional[bool] = None, registry: Optional[Registry] = None):
         if fallback not in FALLBACKS:
             raise ValueError(f"hal.runtime: fallback: expected one of {FALLBACKS}, got {fallback!r}")
         self.backend_name = record.name
@@ -162,15 +236,16 @@ class Runtime:
         self.fallback = fallback
         self.profile = profile
         self.validate = validate
+        self.checked = checked
         self.record = record
         self._entries: dict[str, PlanEntry] = {}
         backend = record.backend
         kernels = backend.kernels()
         caps = dict(backend.capabilities())
         reference = None
-        if fallback == "reference" and record.name != "cpu":
-            # the fallback is the contract's definition itself, whichever plugins HAL_BACKENDS loads
-            from hal.backends.cpu import KERNELS as reference
+        if fallback == "reference" and record.name != REFERENCE:
+            # the fallback is the contract's definition itself, whichever plugins HAL_BACKENDS lists
+            reference = (registry or get_registry()).reference().backend.kernels()
         missing = [op for op in CONTRACT if op not in kernels or op not in caps]
         if missing and fallback == "error":
             raise UnsupportedCase(missing[0], record.name,
@@ -184,14 +259,37 @@ class Runtime:
                 entry = PlanEntry(name, record.name, cap.path, cap.note or f"{cap.path} kernel", record.label)
                 fb = reference_on_cpu(reference[name]) if reference is not None else None
                 fn = make_bound_op(spec, kernels[name], supports=cap.supports, fallback=fb, entry=entry,
-                                   profile=profile, backend_name=record.name, validate=validate)
+                                   profile=profile, backend_name=record.name, validate=validate, checked=checked)
             else:
                 entry = PlanEntry(name, "cpu", "fallback", f"backend {record.name!r} does not implement {name}; "
                                   "running the CPU reference (tensors moved to the CPU and back)", "cpu (reference)")
                 fn = make_bound_op(spec, reference_on_cpu(reference[name]), entry=entry, profile=profile,
-                                   backend_name="cpu", validate=validate)
+                                   backend_name=REFERENCE, validate=validate, checked=checked)
             self._entries[name] = entry
             setattr(self, name, fn)
+
+    def prepare_weights(self, op: str, **weights: torch.Tensor) -> dict:
+        """Lay out an op's weights once, at load, the way this runtime's backend wants them
+        (``Backend.prepare_weights``; e.g. a transposed storage for a grouped matmul, an NPU
+        format). Returns the same names mapped to tensors equal in shape, dtype, device and value
+        (only strides / storage format may differ): pass those to the op from then on. Ops that
+        fall back to the reference get their weights unchanged."""
+        if op not in CONTRACT:
+            raise KeyError(f"prepare_weights: {op!r} is not a contract op")
+        entry = self._entries[op]
+        if entry.path == "fallback" or not weights:
+            return dict(weights)
+        out = dict(self.record.backend.prepare_weights(op, dict(weights)))
+        for name, w in weights.items():
+            got = out.get(name)
+            if got is None and w is None:
+                continue
+            if not isinstance(got, torch.Tensor) or got.shape != w.shape or got.dtype != w.dtype or got.device != w.device:
+                raise KernelOutputError(op, self.backend_name, f"prepared weight {name}",
+                                        f"a tensor of shape {tuple(w.shape)}, {w.dtype} on {w.device}",
+                                        "nothing" if got is None else (tuple(got.shape), got.dtype, got.device)
+                                        if isinstance(got, torch.Tensor) else type(got).__name__)
+        return out
 
     def plan(self) -> list[PlanEntry]:
         """op -> backend, path (native / emulated / fallback), reason, and (with profile) calls/time."""
@@ -238,7 +336,7 @@ def resolve(backend: str = "auto", registry: Optional[Registry] = None) -> Backe
 
 
 def runtime(backend: str = "auto", *, fallback: str = "reference", profile: bool = False, validate: bool = True,
-            registry: Optional[Registry] = None) -> Runtime:
+            checked: Optional[bool] = None, registry: Optional[Registry] = None) -> Runtime:
     """Bind every contract op to a kernel of ``backend`` once; return the :class:`Runtime`.
 
     backend: a backend name ("cpu", "cuda", "ascend", a plugin's name) or "auto" (``HAL_BACKEND``
@@ -250,5 +348,9 @@ def runtime(backend: str = "auto", *, fallback: str = "reference", profile: bool
     for hot loops whose inputs are already known good (a model's decode step): the caller then owns
     every guarantee the checks give, and a bad input may give a wrong answer instead of an error.
     ``hal bench overhead`` shows what validation costs per op.
+    checked: this runtime's checked mode (data checks on device tensors, output shapes/dtypes
+    compared with the contract); None follows the process default (``HAL_CHECKED``,
+    :func:`hal.set_checked`).
     """
-    return Runtime(resolve(backend, registry), fallback=fallback, profile=profile, validate=validate)
+    return Runtime(resolve(backend, registry), fallback=fallback, profile=profile, validate=validate, checked=checked,
+                   registry=registry)

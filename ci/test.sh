@@ -24,4 +24,10 @@ export HAL_TEST_TORCH_NPU_PATH="$PWD/.hal-test-deps/torch-npu"
 if [ ! -d "$HAL_TEST_TORCH_NPU_PATH/torch_npu" ]; then
   "$PY" -m pip install --disable-pip-version-check -q --no-deps --target "$HAL_TEST_TORCH_NPU_PATH" "torch-npu==2.13.0"
 fi
+# ... and Chromium, which renders the HTML report in tests/test_report_render.py (skipped, with the
+# reason printed, where it cannot be installed)
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+    || echo "ci/test.sh: chromium could not be installed; the HTML render test will skip"
+fi
 "$PY" -m pytest -q --durations=20 "$@"

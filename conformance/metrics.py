@@ -1,4 +1,4 @@
-"""Conformance metrics, exactly as SPEC.md "Conformance metrics" states them.
+"""Conformance metrics, exactly as docs/contract.md "Conformance metrics" states them.
 
 Float outputs are compared with the float64 evaluation of the reference ("truth"): calc_diff,
 max abs error, max relative error, and the NaN/Inf pattern, which must match exactly. A backend

@@ -76,9 +76,19 @@ def _quantize_model(x, *, group_size=128, scale_format="fp32"):
              helper.make_node("Div", ["amax_c", "fmax"], ["s0"])]
     scale = "s0"
     if scale_format == "ue8m0":
-        inits += [_const("two", 2.0), _const("ln2", math.log(2.0))]
-        nodes += [helper.make_node("Log", ["s0"], ["ls"]), helper.make_node("Div", ["ls", "ln2"], ["l2"]),
-                  helper.make_node("Ceil", ["l2"], ["cl"]), helper.make_node("Pow", ["two", "cl"], ["s1"])]
+        # the smallest power of two >= s, exactly: log2 in double (fp32's log2 rounds 2^n(1 + 2^-23)
+        # down to n), then one step down when the power below is already >= s (log of an exact
+        # power of two may land just above n)
+        inits += [to_proto(torch.tensor(2.0, dtype=torch.float64), "two_d"),
+                  to_proto(torch.tensor(1.0, dtype=torch.float64), "one_d"),
+                  to_proto(torch.tensor(math.log(2.0), dtype=torch.float64), "ln2_d")]
+        nodes += [helper.make_node("Cast", ["s0"], ["s0d"], to=TensorProto.DOUBLE),
+                  helper.make_node("Log", ["s0d"], ["ls"]), helper.make_node("Div", ["ls", "ln2_d"], ["l2"]),
+                  helper.make_node("Ceil", ["l2"], ["cl"]), helper.make_node("Pow", ["two_d", "cl"], ["p_up"]),
+                  helper.make_node("Sub", ["cl", "one_d"], ["cl1"]), helper.make_node("Pow", ["two_d", "cl1"], ["p_down"]),
+                  helper.make_node("GreaterOrEqual", ["p_down", "s0d"], ["down"]),
+                  helper.make_node("Where", ["down", "p_down", "p_up"], ["s1d"]),
+                  helper.make_node("Cast", ["s1d"], ["s1"], to=TensorProto.FLOAT)]
         scale = "s1"
     nodes += [helper.make_node("Div", ["xg", scale], ["xs"]),
               helper.make_node("Clip", ["xs", "fmin", "fmax"], ["xc"]),
@@ -93,17 +103,22 @@ def _quantize_model(x, *, group_size=128, scale_format="fp32"):
                    helper.make_tensor_value_info("scale", TensorProto.FLOAT, shape[:-1] + [G])], inits)
 
 
-def _group_mask_nodes(sel, T, E, n_group, topk_group, inits):
+def _group_mask_nodes(sel, T, E, n_group, topk_group, inits, with_bias=True):
     """Nodes that replace the selection scores of experts outside the ``topk_group`` best groups
-    (group score: the sum of its top-2 scores) with -inf; returns (nodes, masked score name)."""
+    with -inf (group score: the sum of its top-2 scores with a correction bias, its maximum
+    without one, as the contract says); returns (nodes, masked score name)."""
     per = E // n_group
     inits += [_const("gshape", [T, n_group, per], np.int64), _const("eshape", [T, E], np.int64),
               _const("k2", [min(2, per)], np.int64), _const("kg", [topk_group], np.int64),
               _const("gzeros", np.zeros((T, n_group))), _const("gones", np.ones((T, topk_group))),
               _const("neg_inf", float("-inf"))]
-    nodes = [helper.make_node("Reshape", [sel, "gshape"], ["cg"]),
-             helper.make_node("TopK", ["cg", "k2"], ["top2", "_top2_idx"], axis=-1, largest=1, sorted=1),
-             helper.make_node("ReduceSum", ["top2", "axis"], ["gscore"], keepdims=0),
+    nodes = [helper.make_node("Reshape", [sel, "gshape"], ["cg"])]
+    if with_bias:
+        nodes += [helper.make_node("TopK", ["cg", "k2"], ["top2", "_top2_idx"], axis=-1, largest=1, sorted=1),
+                  helper.make_node("ReduceSum", ["top2", "axis"], ["gscore"], keepdims=0)]
+    else:
+        nodes += [helper.make_node("ReduceMax", ["cg", "axis"], ["gscore"], keepdims=0)]
+    nodes += [
              helper.make_node("TopK", ["gscore", "kg"], ["_gvals", "gidx"], axis=-1, largest=1, sorted=1),
              helper.make_node("ScatterElements", ["gzeros", "gidx", "gones"], ["gmask"], axis=1),
              helper.make_node("Unsqueeze", ["gmask", "axis"], ["gmask3"]),
@@ -126,7 +141,8 @@ def _route_model(logits, *, top_k, scoring="sigmoid", correction_bias=None, n_gr
         nodes.append(helper.make_node("Add", ["s", "bias"], ["c"]))
         sel = "c"
     if n_group > 1:
-        group_nodes, sel = _group_mask_nodes(sel, T, E, n_group, topk_group, inits)
+        group_nodes, sel = _group_mask_nodes(sel, T, E, n_group, topk_group, inits,
+                                             with_bias=correction_bias is not None)
         nodes += group_nodes
     nodes += [helper.make_node("TopK", [sel, "k"], ["top_vals", "ids64"], axis=-1, largest=1, sorted=1),
               helper.make_node("GatherElements", ["s", "ids64"], ["w0"], axis=-1),

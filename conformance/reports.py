@@ -58,16 +58,6 @@ def build_report(runs, *, environment: dict, kind: str = "ops", level=None, gold
     }
 
 
-def atomic_write_bytes(path, data: bytes, *, durable: bool = True) -> None:
-    """Compatibility name for :func:`hal.atomic.write_bytes` (parent folders created)."""
-    atomic.write_bytes(path, data, durable=durable, parents=True)
-
-
-def atomic_write(path, text: str) -> None:
-    """Compatibility name for :func:`hal.atomic.write_text` (parent folders created)."""
-    atomic.write_text(path, text, parents=True)
-
-
 def to_json(report: dict) -> str:
     return json.dumps(report, indent=2, default=str, allow_nan=False) if _finite(report) else \
         json.dumps(_jsonable(report), indent=2, default=str)

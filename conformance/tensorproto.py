@@ -47,8 +47,8 @@ def from_proto(p: TensorProto) -> torch.Tensor:
 def save(t: torch.Tensor, path, name: str) -> None:
     """Write ``t`` as a serialized TensorProto named ``name`` (atomically; no fsync: the golden
     manifest, written last and durably, holds every file's checksum)."""
-    from hal.conformance.reports import atomic_write_bytes
-    atomic_write_bytes(path, to_proto(t, name).SerializeToString(), durable=False)
+    from hal import atomic
+    atomic.write_bytes(path, to_proto(t, name).SerializeToString(), durable=False, parents=True)
 
 
 def load(path) -> torch.Tensor:

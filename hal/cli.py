@@ -1,9 +1,11 @@
 """The ``hal`` command line. Subcommands live in ``hal/commands/<name>.py`` and load lazily.
 
 Exit codes (every command): 0 success; 1 the command ran and found a failure (a conformance FAIL
-or ERROR, a failed check); 2 usage error (bad option or argument, click's convention);
-3 a named backend is unavailable, broken, incompatible or unknown; 4 bad input data (a model
-directory, a checkpoint, a prompt the model cannot take).
+or ERROR, a broken plugin under --backend all, a failed check); 2 usage error (bad option or
+argument, click's convention; also a missing optional extra, whose line names the
+`pip install 'hal[...]'` to run); 3 a named backend is unavailable, broken, incompatible or
+unknown; 4 bad input data (a model directory, a checkpoint, a prompt the model cannot take) or an
+output folder that cannot be written (results are printed first).
 """
 from __future__ import annotations
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 
 class ContractError(ValueError):
-    """A contract op received an argument the contract (SPEC.md) rules out.
+    """A contract op received an argument the contract (docs/contract.md) rules out.
 
     The message always names the op, the argument, what was expected and what came, e.g.
     ``moe_route: router_logits: expected a 2-D tensor [T, E], got shape (4,)``.

@@ -9,6 +9,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from hal import blockscale
+
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm as transformers computes it: normalize in fp32, cast back, scale."""
@@ -84,6 +86,14 @@ class MoE:
     topk_group: int
     renormalize: bool
     scaling_factor: float
+
+    def prepare(self, rt) -> None:
+        """Replace the expert weights with the runtime's layout of them (``rt.prepare_weights``:
+        same shapes, dtypes and values; e.g. a transposed storage for Ascend's grouped matmul)."""
+        names = ("w_gate_up", "w_down", "w_gate_up_scale", "w_down_scale")
+        prepared = rt.prepare_weights("moe_forward", **{n: getattr(self, n) for n in names if getattr(self, n) is not None})
+        for name, tensor in prepared.items():
+            setattr(self, name, tensor)
 
     def __call__(self, x, rt):
         shape = x.shape
@@ -203,7 +213,7 @@ class MLAAttention:
     def __post_init__(self):
         w = self.kv_b.weight
         if self.kv_b.scale is not None:    # FP8 kv_b: the absorbed form needs it dequantized (once, here)
-            s = self.kv_b.scale.repeat_interleave(128, 0)[: w.shape[0]].repeat_interleave(128, 1)[:, : w.shape[1]]
+            s = blockscale.expand(self.kv_b.scale, w.shape[0], w.shape[1])
             w = (w.float() * s).to(self.q_a_norm.dtype)
         w = w.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
         self.w_uk, self.w_uv = w[:, :self.nope], w[:, self.nope:]

@@ -30,6 +30,13 @@ class CausalLM:
     unused_tensors: list = dataclasses.field(default_factory=list)   # checkpoint tensors not taken (MTP layers)
     mla_form: str = "auto"         # MLA: "auto" (expanded prefill, absorbed decode), "absorbed", "expanded"
 
+    def __post_init__(self):
+        from hal.models.layers import MoE
+        for layer in self.layers:                     # each backend lays its expert weights out once
+            mlp = getattr(layer, "mlp", None)
+            if isinstance(mlp, MoE):
+                mlp.prepare(self.rt)
+
     @property
     def rope_dim(self) -> int:
         c = self.config

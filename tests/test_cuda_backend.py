@@ -65,10 +65,66 @@ def test_gpu_check_dry_run_writes_one_json(tmp_path):
                HAL_GPU_CHECK_OPS="fp8_quantize,fp8_gemm", OUT=str(tmp_path))
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     doc = json.loads((tmp_path / "gpu-check.json").read_text())
-    assert doc["dry_run"] and doc["conformance"]["summary"]["passed"]
+    assert doc["dry_run"] and doc["complete"] and doc["stopped"] is None
+    assert doc["stages_done"] == ["conformance quick", "benchmarks"]          # no full level in a dry run
+    quick = doc["conformance"]["quick"]
+    assert quick["summary"]["passed"] and quick["counts"] == {"PASS": quick["total"]} and quick["total"] >= 10
+    assert len(quick["results"]) == quick["total"]
     assert doc["bench"]["results"] and not doc["bench"]["errors"]
-    assert (tmp_path / "conformance" / "conformance.html").exists()
+    assert os.path.exists(quick["report_files"]["html"])
+    assert not (tmp_path / ".gpu-check.json.tmp").exists()
     assert out.stdout.strip().splitlines()[-1].startswith(("moe_", "fp8_"))      # the table is printed last
+
+
+def _gpu_check(tmp_path, budget, ops="fp8_quantize_weight,fp8_gemm"):
+    env = {k: v for k, v in os.environ.items() if k not in ("HAL_CUDA_INTERPRET", "TRITON_INTERPRET")}
+    env.update(HAL_GPU_CHECK_DRY="1", HAL_GPU_CHECK_INSTALL="0", HAL_GPU_CHECK_OPS=ops, OUT=str(tmp_path),
+               HAL_GPU_CHECK_BUDGET_S=str(budget), TORCH_DEVICE_BACKEND_AUTOLOAD="0")
+    return subprocess.Popen(["bash", "ci/gpu_check.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def test_gpu_check_stops_at_its_budget_with_a_valid_json(tmp_path):
+    """A budget too small for the run: the check stops itself near the deadline (exit 2) and the
+    JSON says where, holding every case that finished."""
+    import time
+    t0 = time.time()
+    proc = _gpu_check(tmp_path, budget=6)
+    stdout, stderr = proc.communicate(timeout=120)
+    elapsed = time.time() - t0
+    assert proc.returncode == 2, stdout[-2000:] + stderr[-2000:]
+    doc = json.loads((tmp_path / "gpu-check.json").read_text())
+    assert not doc["complete"] and doc["stopped"].startswith("budget: deadline reached")
+    assert doc["budget_s"] == 6 and "benchmarks" not in doc["stages_done"]
+    quick = doc["conformance"].get("quick")
+    if quick:                                     # stopped inside the level: what finished is kept
+        assert quick["status"] == "stopped" and len(quick["results"]) < quick["total"]
+    assert elapsed < 6 + 30                       # one interpreted case at most runs past the deadline
+
+
+def test_gpu_check_killed_midway_leaves_one_valid_json(tmp_path):
+    """SIGKILL while conformance cases are landing: the file on disk is a complete JSON document
+    (never a half-written one) with the cases that finished before the kill."""
+    import signal
+    import time
+    proc = _gpu_check(tmp_path, budget=300)
+    path = tmp_path / "gpu-check.json"
+    deadline = time.time() + 90
+    landed = 0
+    try:
+        while time.time() < deadline and landed < 2:
+            time.sleep(0.2)
+            if path.exists():
+                doc = json.loads(path.read_text())          # valid at every moment it is read
+                landed = len((doc["conformance"].get("quick") or {}).get("results", []))
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+    assert landed >= 2, "no case landed within 90 s"
+    doc = json.loads(path.read_text())
+    assert not doc["complete"] and doc["stopped"] is None          # killed: nobody got to write a verdict
+    results = doc["conformance"]["quick"]["results"]
+    assert len(results) >= 2 and all(r["status"] == "PASS" for r in results)
 
 
 def test_cublas_plan_takes_only_what_cublas_supports():

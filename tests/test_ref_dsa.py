@@ -1,7 +1,7 @@
 """Proofs for the DeepSeek Sparse Attention reference ops through ``hal.ops``.
 
 Hand-computed cases (arithmetic in the comments), explicit float64 loops over batches, queries,
-heads and keys that share no code with the reference, and the invariant SPEC.md names: sparse
+heads and keys that share no code with the reference, and the invariant the contract names: sparse
 attention over all causal keys equals dense causal attention (torch's SDPA in float64).
 """
 from __future__ import annotations

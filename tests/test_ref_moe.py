@@ -1,7 +1,7 @@
 """Proofs for the MoE reference ops through ``hal.ops`` (validation + reference kernel).
 
 Hand-computed cases (the arithmetic is in the comments), explicit python/numpy loops in float64
-that share no code with the reference, and the invariants SPEC.md names.
+that share no code with the reference, and the invariants the contract names.
 """
 from __future__ import annotations
 

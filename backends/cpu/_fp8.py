@@ -1,6 +1,8 @@
 """FP8 e4m3 helpers shared by the reference kernels: quantize one group axis, dequantize blocks."""
 import torch
 
+from hal import blockscale
+
 from ._precision import acc
 
 FP8 = torch.float8_e4m3fn
@@ -37,16 +39,11 @@ def quantize_groups(x: torch.Tensor, group: int, ue8m0: bool = False) -> tuple[t
     return q.flatten(-2)[..., :K].contiguous(), s
 
 
-def expand_scale(scale: torch.Tensor, rows: int, cols: int, block_rows: int, block_cols: int) -> torch.Tensor:
-    """Block scale grid -> per-element scale [rows, cols]: element (r, c) uses scale[r // br, c // bc]."""
-    return scale.repeat_interleave(block_rows, 0)[:rows].repeat_interleave(block_cols, 1)[:, :cols]
-
-
 def dequantize_activation(q: torch.Tensor, scale: torch.Tensor, group: int = 128) -> torch.Tensor:
     """q [M, K] e4m3 with per-row group scales [M, ceil(K/group)] -> values in the accumulation dtype."""
-    return q.to(acc()) * expand_scale(scale.to(acc()), q.shape[0], q.shape[1], 1, group)
+    return blockscale.dequantize(q, scale, 1, group, dtype=acc())
 
 
 def dequantize_weight(q: torch.Tensor, scale: torch.Tensor, block: int = 128) -> torch.Tensor:
     """q [N, K] e4m3 with block scales [ceil(N/block), ceil(K/block)] -> values in the accumulation dtype."""
-    return q.to(acc()) * expand_scale(scale.to(acc()), q.shape[0], q.shape[1], block, block)
+    return blockscale.dequantize(q, scale, block, block, dtype=acc())

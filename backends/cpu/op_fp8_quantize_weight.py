@@ -1,7 +1,9 @@
 """Reference ``fp8_quantize_weight``: one amax/448 scale per 128x128 tile (partial tiles too)."""
 import torch
 
-from ._fp8 import FP8_MAX, expand_scale
+from hal import blockscale
+
+from ._fp8 import FP8_MAX
 
 
 def fp8_quantize_weight(w, *, block=128):
@@ -10,5 +12,5 @@ def fp8_quantize_weight(w, *, block=128):
     nb, kb = -(-N // block), -(-K // block)
     tiles = torch.nn.functional.pad(w.float().abs(), (0, kb * block - K, 0, nb * block - N))
     s = tiles.view(nb, block, kb, block).amax(dim=(1, 3)).clamp_min(1e-4) / FP8_MAX
-    q = (w.float() / expand_scale(s, N, K, block, block)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    q = (w.float() / blockscale.expand(s, N, K, block, block)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, s.to(torch.float32)

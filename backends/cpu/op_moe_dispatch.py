@@ -22,7 +22,7 @@ def moe_dispatch(hidden, expert_ids, num_experts, *, align=1):
     N = int(offsets[-1])
     # row of the i-th copy of expert e = offsets[e] + (its rank among expert e's copies)
     experts_in_order = flat[order]
-    rank = torch.arange(order.numel(), device=dev) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    rank = torch.arange(order.numel(), device=dev) - (torch.cumsum(counts, 0) - counts)[experts_in_order]
     rows = offsets[experts_in_order] + rank
     source = torch.full((N,), -1, dtype=torch.int64, device=dev)
     source[rows] = order

@@ -1,6 +1,6 @@
 """The case catalog: every contract op's conformance cases at two levels.
 
-``quick``: tiny shapes covering every edge SPEC.md names (T=0/1, one hot expert, empty experts,
+``quick``: tiny shapes covering every edge the contract names (T=0/1, one hot expert, empty experts,
 -1 ids, groups, both scorings, K/N not multiples of 128, M=0, -1 tails, L=1, MHA/GQA/MQA/MLA,
 NaN/Inf, values beyond 448, ue8m0, bf16/fp16/fp32); it runs on 2 CPU cores in CI, including under
 the Triton interpreter. ``full``: the real models' shapes (GLM-5, DeepSeek-V3.2, GLM-4.5 hidden

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import functools
 import inspect
 import os
 from typing import Callable, Mapping, Optional
@@ -11,7 +12,7 @@ from typing import Callable, Mapping, Optional
 from hal._version import CONTRACT_VERSION  # noqa: E402,F401  (one home for the number)
 
 
-# --- tolerance policies (read by the conformance suite; SPEC.md "Conformance metrics") --------
+# --- tolerance policies (read by the conformance suite; docs/contract.md "Conformance metrics") --------
 
 @dataclasses.dataclass(frozen=True)
 class FloatBudget:
@@ -149,11 +150,11 @@ class OpSpec:
     selection_scores: Optional[str] = None
     paired: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
-    @property
+    @functools.cached_property
     def signature(self) -> inspect.Signature:
         return inspect.signature(self.validate)
 
-    @property
+    @functools.cached_property
     def doc(self) -> str:
         return inspect.getdoc(self.validate) or ""
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from hal import blockscale
+
 from hal_ascend.limits import (FLOATS, GATING_MAX_EXPERTS, GMM_MAX_GROUPS, GROUP_SCORE_MAX, GROUP_SCORE_TOP2_SUM, HALF,
                                INDEXER_HEAD_DIM, INDEXER_MAX_HEADS, INIT_ROUTING_MAX_EXPERTS, SFA_NOPE_DIM, SFA_Q_HEADS,
                                SFA_ROPE_DIM, SOFTMAX_GATING_MAX_K, SPARSE_COUNTS)
@@ -119,16 +121,14 @@ def gmm_weight(w: torch.Tensor) -> torch.Tensor:
 
 def _dequant_weights(w, s):
     """[U, N, K] e4m3 + [U, ceil(N/128), ceil(K/128)] scales -> fp32 (the declared FP8 emulation)."""
-    U, N, K = w.shape
-    full = s.repeat_interleave(128, 1)[:, :N].repeat_interleave(128, 2)[:, :, :K]
-    return w.float() * full
+    return blockscale.dequantize(w, s)
 
 
 def _fake_quant_rows(x):
     """Per token per 128 channels e4m3 quantize-dequantize (the contract's activation quantization)."""
     from hal.backends.cpu import KERNELS
     q, s = KERNELS["fp8_quantize"](x, group_size=128, scale_format="fp32")
-    return q.float() * s.repeat_interleave(128, -1)[..., : x.shape[-1]]
+    return blockscale.dequantize(q, s, 1, 128)
 
 
 def experts_supports(plan, w_gate_up, w_down, *, activation, w_gate_up_scale, w_down_scale):

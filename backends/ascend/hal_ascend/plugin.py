@@ -6,13 +6,10 @@ import re
 
 import hal
 from hal.backend import Availability, Backend, OpCapability, distribution_version
+from hal_ascend.npu import emulating
 
 FP8_OPS = ("fp8_quantize", "fp8_quantize_weight", "fp8_gemm", "fp8_linear")
 EMULATE_LABEL = "ascend (emulated torch_npu)"
-
-
-def emulating() -> bool:
-    return os.environ.get("HAL_ASCEND_EMULATE", "") not in ("", "0")
 
 
 def combine_path() -> str:
@@ -30,7 +27,10 @@ def import_failure_reason(exc: BaseException) -> str:
                 "/usr/local/Ascend/ascend-toolkit/set_env.sh`); set HAL_ASCEND_EMULATE=1 to run the backend's code "
                 "on the CPU emulator instead")
     if isinstance(exc, ModuleNotFoundError):
-        return "torch_npu is not installed (`pip install torch-npu` matching your torch version)"
+        import torch
+        version = torch.__version__.split("+")[0]
+        return (f"torch_npu is not installed: pip install torch-npu=={version} (it must match this torch, "
+                f"{torch.__version__}; hal-ascend does not install it, so that pip never replaces your torch)")
     return f"import torch_npu failed: {type(exc).__name__}: {msg}"
 
 

@@ -5,11 +5,12 @@ Scores: ``sum_h w[h] * relu(q[h] . k[s])``. On the GPU each head's q.k is a tens
 ``tl.dot`` in the inputs' dtype (bf16 / fp16, or e4m3 x e4m3 with the q and k scales applied to
 the fp32 result: they factor out of the dot) with fp32 accumulation; fp32 inputs use "tf32x3"
 dots (about fp32 accuracy on tensor cores), and the interpreter exact fp32 dots (fp8 dequantized
-before the dot there). Tiles from
-:func:`hal_cuda.launch.indexer_config`; rows and chunk-buffer offsets are int64. Visibility (k_lengths, causal q_offset) masks invisible keys; the merge is a stable sort
-of (running best, chunk) by score, which keeps the contract's tie rule (the running best holds
+before the dot there). Tiles from :func:`hal_cuda.launch.indexer_config`; rows and chunk-buffer
+offsets are int64. Visibility (k_lengths, causal q_offset) masks invisible keys; the merge is a
+stable sort of (running best, chunk) by score, which keeps the contract's tie rule (the running best holds
 lower indices than the chunk, and each part is already in index order among equal scores).
-NaN scores rank below every number; -1 fills the tail where fewer than top_k keys are visible.
+NaN scores rank below every number, -inf included (a rank class beside the score: visible number,
+visible NaN, invisible); -1 fills the tail where fewer than top_k keys are visible.
 """
 import torch
 import triton
@@ -64,7 +65,7 @@ def _scores_kernel(q_ptr, k_ptr, w_ptr, qs_ptr, ks_ptr, out_ptr, S, L, Hi, D, c0
             if FP8_DOT:
                 logits = logits * q_sc[:, None] * k_sc[None, :]
         wh = tl.load(w_ptr + q_rows * Hi + h, mask=smask, other=0.0)
-        acc += wh[:, None] * tl.maximum(logits, 0.0)
+        acc += wh[:, None] * tl.maximum(logits, 0.0, propagate_nan=tl.PropagateNan.ALL)    # relu(NaN) = NaN
     tl.store(out_ptr + q_rows[:, None] * C + rc[None, :], acc, mask=smask[:, None] & (rc[None, :] < C))
 
 
@@ -90,28 +91,30 @@ def lightning_indexer(q, k, weights, *, top_k, causal, q_offset, k_lengths, q_sc
     t_pos = torch.arange(S, device=dev)
     best_s = torch.empty((B, S, 0), dtype=torch.float32, device=dev)
     best_i = torch.empty((B, S, 0), dtype=torch.int64, device=dev)
-    best_v = torch.empty((B, S, 0), dtype=torch.bool, device=dev)
+    best_c = torch.empty((B, S, 0), dtype=torch.int8, device=dev)
     for c0 in range(0, L, chunk):
         C = min(chunk, L - c0)
         sc = torch.empty((B, S, C), dtype=torch.float32, device=dev)
         grid = indexer_grid(B, S, C, cfg.BLOCK_S, cfg.BLOCK_C)
         _scores_kernel[grid](qf, kf, w, qs, ks, sc, S, L, Hi, D, c0, C, nsb, FP8=fp8, FP8_DOT=cfg.FP8_DOT,
-                             UPCAST=cfg.UPCAST, PRECISION=cfg.PRECISION, BLOCK_S=cfg.BLOCK_S, BLOCK_C=cfg.BLOCK_C, BLOCK_D=cfg.BLOCK_D,
-                             D_CHUNK=cfg.D_CHUNK,
+                             UPCAST=cfg.UPCAST, PRECISION=cfg.PRECISION, BLOCK_S=cfg.BLOCK_S, BLOCK_C=cfg.BLOCK_C,
+                             BLOCK_D=cfg.BLOCK_D, D_CHUNK=cfg.D_CHUNK,
                              **({} if INTERPRET else {"num_warps": cfg.num_warps}))
         idx = torch.arange(c0, c0 + C, device=dev)
         vis = (idx.view(1, 1, C) < lengths.view(B, 1, 1)).expand(B, S, C)
         if causal:
             vis = vis & (idx.view(1, 1, C) <= offset.view(B, 1, 1) + t_pos.view(1, S, 1))
+        # rank class: 3 a visible number, 2 a visible NaN (below every number, -inf included), 0 invisible
+        cls = (vis.to(torch.int8) * 2 + (vis & ~torch.isnan(sc)).to(torch.int8))
         sc = torch.where(torch.isnan(sc) | ~vis, float("-inf"), sc)
         cand_s = torch.cat([best_s, sc], -1)
         cand_i = torch.cat([best_i, idx.view(1, 1, C).expand(B, S, C)], -1)
-        cand_v = torch.cat([best_v, vis], -1)
+        cand_c = torch.cat([best_c, cls], -1)
         by_score = torch.sort(cand_s, dim=-1, descending=True, stable=True).indices
-        order = by_score.gather(-1, torch.sort(cand_v.gather(-1, by_score).to(torch.int8), dim=-1, descending=True,
+        order = by_score.gather(-1, torch.sort(cand_c.gather(-1, by_score), dim=-1, descending=True,
                                                stable=True).indices)
         keep = order[..., :top_k]
-        best_s, best_i, best_v = cand_s.gather(-1, keep), cand_i.gather(-1, keep), cand_v.gather(-1, keep)
+        best_s, best_i, best_c = cand_s.gather(-1, keep), cand_i.gather(-1, keep), cand_c.gather(-1, keep)
     n = best_i.shape[-1]
-    out[..., :n] = torch.where(best_v, best_i, -1).to(torch.int32)
+    out[..., :n] = torch.where(best_c >= 2, best_i, -1).to(torch.int32)
     return out

@@ -223,7 +223,8 @@ def run_and_judge(bound: BoundBackend, op: str, args, kwargs, truth, ref, res: C
                 if mutated:
                     res.status = "FAIL"
                     res.reason = "mutated input " + ", ".join(mutated) + " (the kernel must leave its inputs unchanged)"
-                    res.outputs = [metrics.OutputCheck(name, "input", False, "mutated by the kernel") for name in mutated]
+                    res.outputs = [metrics.OutputCheck(name, "input", False, "mutated by the kernel")
+                                   for name in mutated]
                     return
                 flat = flatten_outputs(out)
                 layout = metrics.check_output_layout(expected, flat)

@@ -204,8 +204,11 @@ def _real(name: str, v, *, positive: bool = False, above: Optional[float] = None
     ok = not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
     ok = ok and (not positive or v > 0) and (above is None or v > above) and (at_most is None or v <= at_most)
     if not ok:
-        want = "a finite number" + (" > 0" if positive else "") + (f" > {above}" if above is not None else "") + \
-            (f" <= {at_most}" if at_most is not None else "")
+        if positive and at_most is not None:
+            want = f"a finite number in (0, {at_most}]"
+        else:
+            want = "a finite number" + (" > 0" if positive else "") + (f" > {above}" if above is not None else "") + \
+                (f" <= {at_most}" if at_most is not None else "")
         raise ModelConfigError(f"{name}: expected {want}, got {v!r}")
     return v
 

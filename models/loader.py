@@ -63,7 +63,8 @@ class ModelFolder:
             raise error(f"{self.path}: {what} {rel!r} is not a file name")
         parts = PurePosixPath(rel).parts
         if PurePosixPath(rel).is_absolute() or ".." in parts:
-            raise error(f"{self.path}: {what} {rel!r} is outside the model folder (absolute paths and '..' are refused)")
+            raise error(f"{self.path}: {what} {rel!r} is outside the model folder "
+                        "(absolute paths and '..' are refused)")
         p = self.path / rel
         if not os.path.lexists(p):
             return None
@@ -110,8 +111,8 @@ class ModelFolder:
         try:
             return json.loads(text)
         except (ValueError, RecursionError) as exc:             # JSONDecodeError, int digit limit, nesting
-            raise error(f"{self.path / rel}: not valid JSON ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") \
-                from exc
+            why = (str(exc).splitlines() or [type(exc).__name__])[0]
+            raise error(f"{self.path / rel}: not valid JSON ({why})") from exc
 
 
 class TensorSource:

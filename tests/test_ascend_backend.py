@@ -251,7 +251,8 @@ def test_hal_run_on_the_emulator_matches_the_reference():
     assert plan["moe_forward"]["calls"] > 0 and plan["sparse_attention"]["calls"] > 0
     # the model passes an explicit q_offset: mapped onto actual_seq_lengths, no op on the CPU fallback
     assert plan["lightning_indexer"]["calls"] > 0
-    assert all(p["fallback_calls"] == 0 and p["path"] != "fallback" for p in got["plan"]), got["plan"]
+    assert all(p["fallback_calls"] == 0 and (p["path"] != "fallback" or p["calls"] == 0) for p in got["plan"]), \
+        got["plan"]
     assert got["tokens"] == ref.tokens
 
 

@@ -11,7 +11,8 @@ import torch
 pytest.importorskip("hal_ascend", reason="hal-ascend is installed by ci/test.sh")
 
 from hal.backends.cpu import KERNELS  # noqa: E402
-from hal_ascend import npu, ops  # noqa: E402
+from hal_ascend import kernels as ops  # noqa: E402
+from hal_ascend import npu  # noqa: E402
 from hal_ascend.plugin import prepare_expert_weights  # noqa: E402
 
 
@@ -21,7 +22,7 @@ def calls(monkeypatch):
     monkeypatch.setenv("HAL_ASCEND_EMULATE", "1")
     npu.reset()
     seen = []
-    real = npu.ops()
+    real = npu.functions()
 
     class Recorder:
         def __getattr__(self, name):

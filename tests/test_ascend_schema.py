@@ -30,7 +30,7 @@ def bound(monkeypatch):
     npu.reset()
     b = npu.binding()
     assert b.bound, b.reason
-    yield npu.ops()
+    yield npu.functions()
     npu.reset()
 
 
@@ -127,10 +127,10 @@ def test_without_the_wheel_the_emulator_runs_unbound_and_says_so(monkeypatch, tm
     try:
         b = npu.binding()
         assert not b.bound and "UNBOUND" in b.describe() and "not found" in b.reason
-        from hal_ascend.ops import lightning_indexer
+        from hal_ascend.kernels import lightning_indexer
         q, k, w = _indexer_args()
         out = lightning_indexer(q, k[:, :, 0], w.float(), top_k=2, causal=True, q_offset=None, k_lengths=None,
                                 q_scale=None, k_scale=None)
-        assert out.shape == (1, 3, 2) and npu.ops().npu_lightning_indexer is emu.npu_lightning_indexer
+        assert out.shape == (1, 3, 2) and npu.functions().npu_lightning_indexer is emu.npu_lightning_indexer
     finally:
         npu.reset()

@@ -87,8 +87,11 @@ def test_html_is_self_contained_with_matrix_and_plots(cpu_report, tmp_path):
     assert not p.errors and not p.open, (p.errors, p.open)                # well-formed
     assert p.cells == cpu_report["summary"]["total"]            # one coloured cell per op x case
     assert set(p.colours) == {f"background:{reports.COLOURS['PASS']}"}
-    float_ops = {op for op, s in hal.CONTRACT.items() if any(b.kind in ("float", "fp8") for b in s.outputs.values())}
-    assert p.tags.count("svg") == len(float_ops) == 9              # an error-vs-budget plot per float op
+    reported = {r["op"] for b in cpu_report["backends"] for r in b["results"]}
+    float_ops = {op for op, s in hal.CONTRACT.items() if op in reported
+                 and any(b.kind in ("float", "fp8") for b in s.outputs.values())}
+    assert len(float_ops) >= 9
+    assert p.tags.count("svg") == len(float_ops)                  # an error-vs-budget plot per float op
     for svg in re.findall(r"<svg.*?</svg>", text, flags=re.S):     # each plot is valid SVG (XML) with bars
         root = ET.fromstring(svg)
         assert root.tag.endswith("svg") and root.findall("{http://www.w3.org/2000/svg}rect")

@@ -62,6 +62,7 @@ LI = (r(1, 2, 2, 8), r(1, 4, 8), torch.rand(1, 2, 2))                    # q, k,
 Q8, K8 = r(1, 2, 2, 8).to(F8), r(1, 4, 8).to(F8)
 SA = (r(1, 1, 4, 8), r(1, 3, 2, 8), r(1, 3, 2, 8))                        # q, k, v for sparse attention
 FWD = (r(3, 8), r(3, 4), r(4, 6, 8), r(4, 8, 3))                         # hidden, logits, w_gate_up, w_down
+GDR = (r(2, 5, 1, 8), r(2, 5, 1, 8), r(2, 5, 2, 8), -torch.rand(2, 5, 2), torch.rand(2, 5, 2))   # q, k, v, g, beta
 
 CASES = [
     # ---- moe_route
@@ -295,6 +296,35 @@ CASES = [
     ("fp8_linear", "value", "w_scale", lambda: ops.fp8_linear(r(4, 200), B8, None)),                   # missing scales
     ("fp8_linear", "value", "w_scale", lambda: ops.fp8_linear(r(4, 200), B8, B8S * INF)),
     ("fp8_linear", "value", "w_scale", lambda: ops.fp8_linear(r(4, 200), B8, B8S * 0)),
+    # ---- gated_delta_rule (q, k [B, T, Hk, Dk]; v [B, T, Hv, Dv]; g, beta [B, T, Hv])
+    ("gated_delta_rule", "rank", "q", lambda: ops.gated_delta_rule(r(2, 5, 8), *GDR[1:], scale=0.5)),
+    ("gated_delta_rule", "rank", "beta", lambda: ops.gated_delta_rule(*GDR[:4], GDR[4][..., None], scale=0.5)),
+    ("gated_delta_rule", "shape", "k", lambda: ops.gated_delta_rule(GDR[0], r(2, 5, 1, 7), *GDR[2:], scale=0.5)),
+    ("gated_delta_rule", "shape", "v", lambda: ops.gated_delta_rule(*GDR[:2], r(2, 4, 2, 8), *GDR[3:], scale=0.5)),  # T
+    ("gated_delta_rule", "shape", "initial_state", lambda: ops.gated_delta_rule(*GDR, scale=0.5,
+                                                                                  initial_state=torch.zeros(2, 2, 8, 7))),
+    ("gated_delta_rule", "dtype", "k", lambda: ops.gated_delta_rule(GDR[0], GDR[1].bfloat16(), *GDR[2:], scale=0.5)),
+    ("gated_delta_rule", "dtype", "g", lambda: ops.gated_delta_rule(*GDR[:3], GDR[3].bfloat16(), GDR[4], scale=0.5)),
+    ("gated_delta_rule", "device", "v", lambda: ops.gated_delta_rule(*GDR[:2], GDR[2].to("meta"), *GDR[3:], scale=0.5)),
+    ("gated_delta_rule", "device", "seq_lens", lambda: ops.gated_delta_rule(*GDR, scale=0.5,
+                                                                              seq_lens=_meta(2, dtype=torch.int64))),
+    ("gated_delta_rule", "value", "g", lambda: ops.gated_delta_rule(*GDR[:3], GDR[3] + 1.0, GDR[4], scale=0.5)),  # g > 0
+    ("gated_delta_rule", "value", "scale", lambda: ops.gated_delta_rule(*GDR, scale=NAN)),
+    ("gated_delta_rule", "value", "seq_lens", lambda: ops.gated_delta_rule(*GDR, scale=0.5, seq_lens=torch.tensor([6, 1]))),
+    ("gated_delta_rule", "value", "state_indices", lambda: ops.gated_delta_rule(*GDR, scale=0.5,
+                                                                                  state_indices=torch.tensor([0, 1]))),
+    # ---- causal_conv1d (x [B, T, D], weight [D, K])
+    ("causal_conv1d", "rank", "x", lambda: ops.causal_conv1d(r(5, 8), r(8, 4))),
+    ("causal_conv1d", "rank", "weight", lambda: ops.causal_conv1d(r(2, 5, 8), r(8, 1, 4))),
+    ("causal_conv1d", "shape", "weight", lambda: ops.causal_conv1d(r(2, 5, 8), r(7, 4))),
+    ("causal_conv1d", "shape", "conv_state", lambda: ops.causal_conv1d(r(2, 5, 8), r(8, 4), conv_state=r(2, 4, 8))),
+    ("causal_conv1d", "dtype", "conv_state", lambda: ops.causal_conv1d(r(2, 5, 8), r(8, 4), conv_state=r(2, 3, 8).half())),
+    ("causal_conv1d", "dtype", "x", lambda: ops.causal_conv1d(r(2, 5, 8).to(F8), r(8, 4))),
+    ("causal_conv1d", "device", "weight", lambda: ops.causal_conv1d(r(2, 5, 8), _meta(8, 4))),
+    ("causal_conv1d", "value", "activation", lambda: ops.causal_conv1d(r(2, 5, 8), r(8, 4), activation="gelu")),
+    ("causal_conv1d", "value", "state_indices", lambda: ops.causal_conv1d(r(2, 5, 8), r(8, 4), conv_state=r(3, 3, 8),
+                                                                           state_indices=torch.tensor([0, 3]))),
+    ("causal_conv1d", "value", "seq_lens", lambda: ops.causal_conv1d(r(2, 5, 8), r(8, 4), seq_lens=torch.tensor([-1, 5]))),
 ]
 
 

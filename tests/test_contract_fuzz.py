@@ -65,7 +65,8 @@ def _spoil_tensor(t: torch.Tensor, how: str, data):
             bits[pos] = {"nan": 0x7F, "inf": 0x7E, "huge": 0x7E, "negative": 0xFE}[how]     # NaN / +-448
         elif not t.dtype == torch.bool:
             info = torch.iinfo(t.dtype)
-            flat[pos] = max(info.min, min(info.max, {"nan": -2, "inf": 2 ** 31 - 1, "huge": 2 ** 63 - 1, "negative": -5}[how]))
+            value = {"nan": -2, "inf": 2 ** 31 - 1, "huge": 2 ** 63 - 1, "negative": -5}[how]
+            flat[pos] = max(info.min, min(info.max, value))
         return t
     if how == "dtype":
         dtype = data.draw(st.sampled_from(DTYPES), label="dtype")
@@ -186,17 +187,6 @@ def test_hostile_arguments_get_outputs_or_a_contract_error(op):
         for _ in range(data.draw(st.integers(1, 2), label="spoiled")):
             name = data.draw(st.sampled_from(sorted(arguments)), label="argument")
             arguments[name] = _spoil(arguments[name], data)
-        if op == "moe_forward" and _device_of(arguments) is not None and _device_of(arguments).type == "meta" \
-                and all(getattr(v, "device", torch.device("meta")).type == "meta" for v in arguments.values()
-                        if isinstance(v, torch.Tensor)):
-            # the reference moe_forward composes moe_dispatch, which refuses meta (its N needs data);
-            # pending a meta shortcut in backends/cpu/op_moe_forward.py, its error names moe_dispatch
-            try:
-                seen.append(check_op(op, arguments))
-            except AssertionError as exc:
-                assert "a ContractError of another op: moe_dispatch: hidden:" in str(exc), str(exc)
-                seen.append("ContractError")
-            return
         seen.append(check_op(op, arguments))
 
     sweep()
@@ -207,10 +197,6 @@ def test_hostile_arguments_get_outputs_or_a_contract_error(op):
 @pytest.mark.parametrize("op", list(hal.CONTRACT))
 def test_all_meta_calls_get_outputs_or_a_contract_error(op):
     arguments = _all_on_meta(_sample(op, 0))
-    if op == "moe_forward":
-        with pytest.raises(AssertionError, match="another op: moe_dispatch: hidden"):   # see the sweep's note
-            check_op(op, arguments)
-        return
     assert check_op(op, arguments) == ("ContractError" if op == "moe_dispatch" else "outputs")
 
 

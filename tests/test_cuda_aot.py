@@ -25,8 +25,8 @@ KERNEL_DIR = os.path.join(ROOT, "backends", "cuda", "hal_cuda")
 
 
 def _row(**over):
-    row = {"kernel": "_fp8_gemm_kernel", "arch": "sm_90a", "config": "c", "shapes": ["s"], "tensor_cores_expected": True,
-           "error": None, "registers": 128, "spill_stores": 0, "spill_loads": 0, "smem": 96 * 1024, "wgmma": True,
+    row = {"kernel": "_fp8_gemm_kernel", "arch": "sm_90a", "config": "c", "shapes": ["s"],
+           "tensor_cores_expected": True, "error": None, "registers": 128, "spill_stores": 0, "spill_loads": 0, "smem": 96 * 1024, "wgmma": True,
            "mma": False}
     row.update(over)
     return row
@@ -77,7 +77,8 @@ def test_configurations_cover_every_kernel_and_the_launchers_picks():
         assert (cfg.BLOCK_G, cfg.DOT, cfg.BLOCK_DV) in attn, (G, Dqk, Dv)
     gemm = {(c.constexprs["BLOCK_M"], c.constexprs["HAS_BIAS"]) for c in configs if c.kernel == "_fp8_gemm_kernel"}
     assert {(L.fp8_gemm_config(M, interpret=False).BLOCK_M, b) for M in (1, 64, 65, 4096) for b in (0, 1)} <= gemm
-    assert all(not c.constexprs.get("UPCAST") or c.constexprs.get("PRECISION", "tf32x3") == "tf32x3" for c in configs)
+    # no GPU configuration dots at "ieee" (FMA only, no tensor cores); the reduce path has no dot at all
+    assert all(c.constexprs.get("PRECISION") != "ieee" for c in configs if c.constexprs.get("DOT", True))
 
 
 def test_aot_check_compiles_everything_for_sm90a_and_sm89(tmp_path):

@@ -213,7 +213,8 @@ print(int((q != x.to(torch.float8_e4m3fn).view(torch.uint8)).sum()))
 
 SPARSE_ATTENTION_CHECK = r"""
 import torch, hal
-rt = hal.runtime("cuda", fallback="error")
+rt = hal.runtime("cuda", fallback="reference")           # ops hal-cuda lacks may fall back; this one may not
+assert {e.op: e.path for e in rt.plan()}["sparse_attention"] == "native"
 from hal_cuda.op_sparse_attention import _unit_last      # after the plugin switched the interpreter on
 g = torch.Generator().manual_seed(0)
 
@@ -288,7 +289,8 @@ class SyncRecorder(TorchDispatchMode):
             self.hits.append(name)
         return func(*args, **(kwargs or {}))
 
-rt = hal.runtime("cuda", fallback="error", validate=False)
+rt = hal.runtime("cuda", fallback="reference", validate=False)
+assert all(e.path == "native" for e in rt.plan() if e.op in ("moe_forward", "moe_dispatch"))
 g = torch.Generator().manual_seed(0)
 T, E, k, H, I = 8, 8, 2, 32, 32
 x = torch.randn(T, H, generator=g).bfloat16()
@@ -317,3 +319,12 @@ def test_moe_forward_has_no_host_sync_and_dispatch_only_its_row_count():
     # (4 rows, already aligned), the -1 copies (1, 5, 9, 13) get no row
     assert out.stdout.strip() == ("[] ['aten::_local_scalar_dense'] ['aten::bincount', 'aten::index'] 12 "
                                   "[0, 3, 4, 7, 8, 11, 12, 15, 2, 6, 10, 14]")
+
+
+def test_benchmark_floors_follow_the_device():
+    from hal_cuda.bench import device_peaks
+    h200, h100 = device_peaks("NVIDIA H200"), device_peaks("NVIDIA H100 80GB HBM3")
+    assert (h200["device"], h200["hbm"], h200["fp8"]) == ("H200", 4.8e12, 1979e12)
+    assert (h100["device"], h100["hbm"], h100["bf16"]) == ("H100", 3.35e12, 989e12)
+    other = device_peaks("NVIDIA A100-SXM4-80GB")
+    assert other["hbm"] == 3.35e12 and "no table for 'NVIDIA A100-SXM4-80GB'" in other["device"]

@@ -198,11 +198,12 @@ def test_non_regular_files_are_refused_before_reading(runner, good, tmp_path, na
 
 def test_dev_zero_inside_the_folder_is_still_not_a_regular_file(tmp_path):
     """The regular-file test holds even where the location test passes (a device node inside)."""
+    from pathlib import Path
     from hal.models.loader import ModelFolder
     folder = ModelFolder(tmp_path)
-    with pytest.raises(M.CheckpointError, match="is a character device, not a regular file"):
-        folder.roots.append(__import__("pathlib").Path("/dev"))
-        (tmp_path / "config.json").symlink_to("/dev/zero")
+    folder.roots.append(Path("/dev"))                 # as if /dev/zero lay inside the folder
+    (tmp_path / "config.json").symlink_to("/dev/zero")
+    with pytest.raises(M.CheckpointError, match="config.json is a character device, not a regular file"):
         folder.read_text("config.json", "config.json", 1 << 20)
 
 
@@ -215,7 +216,8 @@ def test_a_fifo_config_exits_4_in_a_real_process(good, tmp_path):
     out = subprocess.run([sys.executable, "-m", "hal.cli", "run", "-b", "cpu", "-m", str(d)], capture_output=True,
                          text=True, timeout=120, env=env, cwd=tmp_path)
     assert out.returncode == 4, out.stderr
-    assert out.stderr.strip().splitlines() == [f"hal: error: {d / 'config.json'}: config.json is a FIFO, not a regular file"]
+    want = f"hal: error: {d / 'config.json'}: config.json is a FIFO, not a regular file"
+    assert out.stderr.strip().splitlines() == [want]
     assert out.stdout == ""
 
 
@@ -234,9 +236,10 @@ def test_oversized_json_files_are_refused_by_size(runner, good, tmp_path):
     ("[1, 2, 3]", "expected a JSON object of fields, got a JSON list"),
     ('"glm4_moe"', "expected a JSON object of fields, got a JSON string"),
     ("[" * 100000 + "]" * 100000, "config.json: not valid JSON"),
+    ('{"vocab_size": ' + "9" * 5000 + "}", "config.json: not valid JSON"),
     ("\xff\xfe{}", "config.json is not UTF-8 text"),
     ('{"model_type": ["glm4_moe"]}', "unsupported model_type ['glm4_moe']"),
-])
+], ids=["not-json", "list", "string", "deep-nesting", "5000-digit-int", "not-utf8", "unhashable-model-type"])
 def test_config_json_that_is_not_a_config(runner, good, tmp_path, text, fragment):
     d = _copy(good, tmp_path)
     (d / "config.json").write_bytes(text.encode("latin-1"))
@@ -260,7 +263,8 @@ def test_config_fields_of_the_wrong_kind(runner, good, tmp_path, change, fragmen
 
 @pytest.mark.parametrize("text, fragment", [
     ("{not json", "model.safetensors.index.json: not valid JSON"),
-    ('{"metadata": {}}', "expected a JSON object with a weight_map object (tensor name -> shard file), got no weight_map"),
+    ('{"metadata": {}}', "expected a JSON object with a weight_map object (tensor name -> shard file), "
+                         "got no weight_map"),
     ('{"weight_map": ["a.safetensors"]}', "got a weight_map that is a JSON list"),
     ('[]', "got no weight_map"),
     ('{"weight_map": {"x": 3}}', "entry 'x' -> shard 3 is not a file name"),
@@ -307,7 +311,7 @@ def test_configs_the_contract_would_refuse_at_run_time(runner, tmp_path, cfg, ch
     ({"rms_norm_eps": 0}, "rms_norm_eps: expected a finite number > 0, got 0"),
     ({"routed_scaling_factor": float("inf")}, "routed_scaling_factor: expected a finite number, got inf"),
     ({"rope_theta": float("nan")}, "rope_theta: expected a finite number > 1, got nan"),
-    ({"partial_rotary_factor": 1.5}, "partial_rotary_factor: expected a finite number > 0 <= 1, got 1.5"),
+    ({"partial_rotary_factor": 1.5}, "partial_rotary_factor: expected a finite number in (0, 1], got 1.5"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": float("-inf"), "original_max_position_embeddings": 32}},
      "rope_parameters.factor: expected a finite number > 0, got -inf"),
     ({"rope_parameters": {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 32,
@@ -483,7 +487,7 @@ def test_builtin_tokenizer_fits_the_builtin_vocabulary():
     tok = builtin_tokenizer()
     assert tok.get_vocab_size() <= min(c["vocab_size"] for c in M.BUILTIN.values())
     assert [tok.token_to_id(t) for t in SPECIAL_TOKENS] == [0, 1, 2]
-    assert all(2 in (c["eos_token_id"],) for c in M.BUILTIN.values())         # <eos> is the models' EOS id
+    assert all(c["eos_token_id"] == 2 for c in M.BUILTIN.values())            # <eos> is the models' EOS id
     for text in ["hello world", "Zürich, 日本語 and emoji \U0001F600!", "x" * 300, "  tabs\tand\nnewlines "]:
         ids = tok.encode(text).ids
         assert ids and max(ids) < 512 and tok.decode(ids) == text
@@ -512,3 +516,11 @@ def test_hal_run_prompt_text_prints_text(runner):
     res = runner.invoke(cli, ["run", "-b", "cpu", "--prompt", "hello world", "--max-new-tokens", "2"])
     assert res.exit_code == 0, res.output
     assert "prompt ids [418, 421] = 'hello world'" in res.output and "[0] output text '" in res.output
+
+
+def test_prompt_text_without_the_tokenizers_package_names_the_extra(runner, monkeypatch):
+    import hal.models.tokenizer_builtin as tb
+    monkeypatch.setattr(tb, "builtin_tokenizer", lambda: None)
+    res = runner.invoke(cli, ["run", "-b", "cpu", "--prompt", "hello"])
+    assert res.exit_code == 4
+    assert "the tokenizers package is not installed (pip install 'hal[models]'); use --prompt-ids" in res.output

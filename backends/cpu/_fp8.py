@@ -31,6 +31,7 @@ def quantize_groups(x: torch.Tensor, group: int, ue8m0: bool = False) -> tuple[t
     defines quantization in fp32)."""
     K = x.shape[-1]
     G = -(-K // group)
+    group = min(group, max(K, 1))          # one group wider than K holds just K channels: no padding to it
     xp = torch.nn.functional.pad(x.float(), (0, G * group - K)).unflatten(-1, (G, group))
     s = xp.abs().amax(-1).clamp_min(1e-4) / FP8_MAX
     if ue8m0:

@@ -10,7 +10,8 @@ def fp8_quantize_weight(w, *, block=128):
     # the contract defines quantization in fp32, in the float64 evaluation too
     N, K = w.shape
     nb, kb = -(-N // block), -(-K // block)
-    tiles = torch.nn.functional.pad(w.float().abs(), (0, kb * block - K, 0, nb * block - N))
-    s = tiles.view(nb, block, kb, block).amax(dim=(1, 3)).clamp_min(1e-4) / FP8_MAX
-    q = (w.float() / blockscale.expand(s, N, K, block, block)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    bn, bk = min(block, max(N, 1)), min(block, max(K, 1))   # a block wider than the matrix is the matrix
+    tiles = torch.nn.functional.pad(w.float().abs(), (0, kb * bk - K, 0, nb * bn - N))
+    s = tiles.view(nb, bn, kb, bk).amax(dim=(1, 3)).clamp_min(1e-4) / FP8_MAX
+    q = (w.float() / blockscale.expand(s, N, K, bn, bk)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
     return q, s.to(torch.float32)

@@ -9,7 +9,7 @@ sequence counts scaled so a GPU machine's reference evaluation finishes in minut
 """
 from __future__ import annotations
 
-from hal.conformance.cases import dsa, fp8, moe
+from hal.conformance.cases import dsa, fp8, linear_attention, moe
 from hal.conformance.cases._case import Case
 
 LEVELS = ("quick", "full")
@@ -27,7 +27,7 @@ def catalog(level: str = "quick", ops=None) -> list[Case]:
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     from hal.contract import CONTRACT
-    everything = moe.cases(level) + dsa.cases(level) + fp8.cases(level)
+    everything = moe.cases(level) + dsa.cases(level) + fp8.cases(level) + linear_attention.cases(level)
     for fn in _REGISTERED.values():
         everything += fn(level)
     order = {op: i for i, op in enumerate(CONTRACT)}

@@ -15,12 +15,14 @@ from hal.contract._spec import (CONTRACT_VERSION, Args, ExactBudget, FloatBudget
                                 checked_mode, op_spec, set_checked)
 from hal.contract.dsa import lightning_indexer, sparse_attention
 from hal.contract.fp8 import fp8_gemm, fp8_linear, fp8_quantize, fp8_quantize_weight
+from hal.contract.linear_attention import causal_conv1d, gated_delta_rule
 from hal.contract.moe import DispatchPlan, moe_combine, moe_dispatch, moe_experts, moe_forward, moe_route
 
 CONTRACT: dict[str, OpSpec] = {s.name: s for s in (
     moe_route, moe_dispatch, moe_experts, moe_combine, moe_forward,
     lightning_indexer, sparse_attention,
     fp8_quantize, fp8_quantize_weight, fp8_gemm, fp8_linear,
+    gated_delta_rule, causal_conv1d,
 )}
 OP_NAMES: tuple[str, ...] = tuple(CONTRACT)
 

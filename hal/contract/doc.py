@@ -17,6 +17,7 @@ FAMILIES = {
     "moe": "Expert dispatch (MoE): routing, token permutation, grouped expert FFN, combine",
     "dsa": "DeepSeek Sparse Attention: lightning indexer and sparse attention over selected keys",
     "fp8": "FP8 GEMM: e4m3 with DeepSeek-style 1x128 (activation) and 128x128 (weight) block scales",
+    "linear_attention": "Linear attention: the gated delta rule (Gated DeltaNet, KDA) and its causal short convolution",
 }
 
 GENERAL = """\

@@ -36,7 +36,7 @@ def lightning_indexer(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, *
     Returns int32 [B, S, top_k]: the visible keys with the highest scores, descending, ties toward
     the lower index (a NaN score ranks below every number, -inf included, but its key stays
     visible and selectable); when fewer than top_k keys are visible the tail is -1 (valid entries
-    first). top_k may exceed L. (DeepSeek-V3.2's Indexer returns ``min(top_k, L)`` columns and
+    first). 1 <= top_k <= max(L, 65536): top_k may exceed L. (DeepSeek-V3.2's Indexer returns ``min(top_k, L)`` columns and
     adds its causal mask as -inf, so invisible keys fill its tail where HAL writes -1.)
     """
     op = "lightning_indexer"
@@ -49,7 +49,8 @@ def lightning_indexer(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor, *
     c.tensor(op, "weights", weights, ndim=3, dtypes=(torch.float32,), dims="[B, S, Hi]")
     c.shape(op, "weights", weights, (B, S, Hi), "[B, S, Hi]")
     top_k_max = max(L, c.MAX_TOP_K)
-    c.integer(op, "top_k", top_k, lo=1, hi=top_k_max, what=f"1 <= top_k <= {top_k_max} (the larger of L={L} and {c.MAX_TOP_K})")
+    c.integer(op, "top_k", top_k, lo=1, hi=top_k_max,
+              what=f"1 <= top_k <= {top_k_max} (the larger of L={L} and {c.MAX_TOP_K})")
     c.boolean(op, "causal", causal)
     for name, t in (("q_offset", q_offset), ("k_lengths", k_lengths)):
         if t is not None:

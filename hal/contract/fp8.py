@@ -27,7 +27,7 @@ def fp8_quantize(x: torch.Tensor, *, group_size: int = 128, scale_format: str = 
     """Quantize activations to float8_e4m3fn, one scale per token per group of channels.
 
     x [..., K] bf16/fp16/fp32. For each group g of ``group_size`` channels along the last dim
-    (a last partial group is legal): ``s = amax(|x_g|).clamp_min(1e-4) / 448`` in fp32;
+    (a last partial group is legal; 1 <= group_size <= 65536): ``s = amax(|x_g|).clamp_min(1e-4) / 448`` in fp32;
     ``scale_format="ue8m0"`` rounds s up to the smallest power of two >= s, read off the fp32
     bits as DeepGEMM's ``ceil_to_ue8m0`` does: biased exponent of s, plus 1 when its mantissa is
     not zero, clamped to [2^-126, 2^127] (not ``exp2(ceil(log2 s))`` in fp32, whose ``log2``

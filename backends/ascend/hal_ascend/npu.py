@@ -1,6 +1,6 @@
 """The seam: the torch_npu functions the backend calls, real or emulated.
 
-``ops()`` returns an object with ``npu_moe_gating_top_k``, ``npu_moe_gating_top_k_softmax``,
+``functions()`` returns an object with ``npu_moe_gating_top_k``, ``npu_moe_gating_top_k_softmax``,
 ``npu_moe_init_routing_v2``, ``npu_grouped_matmul``, ``npu_swiglu``, ``npu_lightning_indexer``,
 ``npu_sparse_flash_attention`` and ``npu_moe_finalize_routing``: ``torch_npu`` (and its ``custom``
 namespace for the DSA ops) on real hardware; with ``HAL_ASCEND_EMULATE=1`` the
@@ -21,7 +21,7 @@ def emulating() -> bool:
     return os.environ.get("HAL_ASCEND_EMULATE", "") not in ("", "0")
 
 
-_ops = None
+_functions = None
 _binding = None
 
 
@@ -34,16 +34,16 @@ def binding():
     return _binding
 
 
-def ops():
-    global _ops
-    if _ops is None:
+def functions():
+    global _functions
+    if _functions is None:
         if emulating():
             b = binding()
             if b.bound:
-                _ops = types.SimpleNamespace(**b.ops)
+                _functions = types.SimpleNamespace(**b.ops)
             else:
                 from hal_ascend import emulator
-                _ops = types.SimpleNamespace(**{n: emulator.IMPLS[n] for n in NAMES})
+                _functions = types.SimpleNamespace(**{n: emulator.IMPLS[n] for n in NAMES})
         else:
             import torch
             import torch_npu
@@ -62,8 +62,8 @@ def ops():
             if missing:
                 raise RuntimeError(f"torch_npu {getattr(torch_npu, '__version__', '?')} has no {', '.join(missing)} "
                                    "(neither torch_npu.<op> nor torch.ops.npu / torch.ops.custom)")
-            _ops = types.SimpleNamespace(**found)
-    return _ops
+            _functions = types.SimpleNamespace(**found)
+    return _functions
 
 
 def format_cast_nz(t):
@@ -78,6 +78,6 @@ def format_cast_nz(t):
 
 def reset() -> None:
     """Forget the resolved ops and the emulator's binding (both are looked up again on next use)."""
-    global _ops, _binding
-    _ops = None
+    global _functions, _binding
+    _functions = None
     _binding = None

@@ -48,7 +48,7 @@ def soc_family(name: str) -> str:
 
 def capability_table(soc: str) -> dict:
     """Per op: path and note for a chip family (the limits are those of Atlas A2/A3)."""
-    from hal_ascend.ops import (attention_supports, dispatch_supports, experts_supports, finalize_supports,
+    from hal_ascend.kernels import (attention_supports, dispatch_supports, experts_supports, finalize_supports,
                                 forward_supports, indexer_supports, route_supports)
     floats = ("float32", "bfloat16", "float16")
     caps = {
@@ -91,7 +91,7 @@ def prepare_expert_weights(op: str, weights: dict) -> dict:
     """Lay out expert weights once, at load: w_gate_up [E, 2I, H] and w_down [E, H, I] (bf16 /
     fp16 / fp32) get contiguous [E, K, N] storage (npu_grouped_matmul's operand, cast to FRACTAL_NZ
     on a real NPU), returned as its transposed view: the same shape, dtype and values as given,
-    so the kernels' transpose is free (:func:`hal_ascend.ops.gmm_weight`). FP8 weights, scales and
+    so the kernels' transpose is free (:func:`hal_ascend.kernels.gmm_weight`). FP8 weights, scales and
     every other op's tensors come back unchanged."""
     import torch
 
@@ -159,7 +159,7 @@ class AscendBackend(Backend):
 
     def kernels(self):
         from hal.backends.cpu import KERNELS
-        from hal_ascend import ops
+        from hal_ascend import kernels as ops
         k = {name: getattr(ops, name) for name in ("moe_route", "moe_dispatch", "moe_experts", "moe_combine",
                                                    "moe_forward", "lightning_indexer", "sparse_attention")}
         if combine_path() == "finalize_routing":

@@ -195,7 +195,8 @@ def parse_ptxas_log(log: str) -> dict:
     """registers, spill stores / loads (bytes) and static shared memory from a ``ptxas -v`` log."""
     regs, spill, smem = _REGS.search(log), _SPILL.search(log), _SMEM.search(log)
     return {"registers": int(regs.group(1)) if regs else None,
-            "spill_stores": int(spill.group(1)) if spill else None, "spill_loads": int(spill.group(2)) if spill else None,
+            "spill_stores": int(spill.group(1)) if spill else None,
+            "spill_loads": int(spill.group(2)) if spill else None,
             "static_smem": int(smem.group(1)) if smem else 0}
 
 
@@ -259,7 +260,8 @@ def judge(row: dict) -> list:
     why = []
     if row["smem"] > SMEM_LIMIT:
         why.append(f"shared memory {row['smem']} B > {SMEM_LIMIT} B")
-    if row["arch"] == "sm_90a" and row["kernel"] in STRICT_SPILL_KERNELS and (row["spill_stores"] or row["spill_loads"]):
+    spills = row["spill_stores"] or row["spill_loads"]
+    if row["arch"] == "sm_90a" and row["kernel"] in STRICT_SPILL_KERNELS and spills:
         why.append(f"spills on sm_90a: {row['spill_stores']} B stores, {row['spill_loads']} B loads")
     if row["tensor_cores_expected"] and not (row["wgmma"] or row["mma"]):
         why.append("meant for tensor cores, but its PTX has no wgmma / mma")
@@ -270,7 +272,8 @@ def judge(row: dict) -> list:
 
 def markdown_table(rows: list) -> str:
     """The result rows as the markdown table docs/perf.md carries."""
-    lines = ["| kernel | arch | configuration | shapes | regs | spills (st/ld B) | smem (KB) | tensor cores | verdict |",
+    lines = ["| kernel | arch | configuration | shapes | regs | spills (st/ld B) | smem (KB) | tensor cores "
+             "| verdict |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: (r["kernel"], r["config"], r["arch"])):
         bad = judge(r)

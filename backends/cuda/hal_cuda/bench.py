@@ -3,8 +3,9 @@ same process. On a GPU: ``triton.testing.do_bench`` (median of repeated runs aft
 random inputs, never zeros). ``dry=True`` runs the same code path at tiny shapes on the CPU under
 the Triton interpreter (tests the harness; its times mean nothing).
 
-Floors are for an H100 SXM: 989 TFLOP/s dense bf16, 1979 TFLOP/s dense fp8, 3.35 TB/s HBM3; the
-decode goals use the copy bandwidth measured in the same run.
+Floors use the peaks of the device the run is on (:func:`device_peaks`: H100 SXM or H200, NVIDIA's
+datasheet figures, dense = half the "with sparsity" numbers; an unknown GPU gets the H100's); the
+MoE decode goal uses the copy bandwidth measured in the same run.
 """
 from __future__ import annotations
 
@@ -12,8 +13,20 @@ import torch
 
 from hal.bench import Benchmark, BenchResult, median_time_ms
 
-PEAK = {"bf16": 989e12, "fp8": 1979e12}
-HBM = 3.35e12
+# dense tensor-core peaks (FLOP/s) and HBM bandwidth (B/s), NVIDIA datasheets (SXM parts)
+DEVICE_PEAKS = {
+    "H200": {"bf16": 989e12, "fp8": 1979e12, "hbm": 4.8e12},     # 141 GB HBM3e
+    "H100": {"bf16": 989e12, "fp8": 1979e12, "hbm": 3.35e12},    # 80 GB HBM3
+}
+
+
+def device_peaks(device_name: str) -> dict:
+    """The peak table for a device name ("NVIDIA H200", "NVIDIA H100 80GB HBM3", ...): H200 or
+    H100 SXM figures, plus ``"device"`` (which table) ; any other name gets the H100's, marked."""
+    for key in ("H200", "H100"):
+        if key in device_name:
+            return {**DEVICE_PEAKS[key], "device": key}
+    return {**DEVICE_PEAKS["H100"], "device": f"H100 figures (no table for {device_name!r})"}
 
 
 def _timer(dry: bool):
@@ -32,7 +45,7 @@ def _rt():
     return hal.runtime("cuda", fallback="error", validate=False)
 
 
-def _row(name, op, shape, t_ms, *, flops=None, nbytes=None, peak=None, bw=HBM, baseline="", base_ms=None, goal="",
+def _row(name, op, shape, t_ms, *, flops=None, nbytes=None, peak=None, bw=None, baseline="", base_ms=None, goal="",
          goal_ratio=None, device="", notes=""):
     r = BenchResult(name, op, shape, t_ms, baseline=baseline, baseline_ms=base_ms, device=device, goal=goal, notes=notes)
     if base_ms is not None and t_ms:
@@ -64,6 +77,7 @@ def _scaled_mm_direct(a, a_s, b, b_s):
 def bench_fp8_gemm(dry: bool = False):
     from hal_cuda.op_fp8_gemm import triton_fp8_gemm
     rt, dev, time_ms = _rt(), _device(dry), _timer(dry)
+    pk = device_peaks(_devname(dry))
     shapes = [(32, 64, 256)] if dry else [(4096, 7168, 2048), (4096, 2048, 7168), (4096, 24576, 1536), (128, 7168, 2048),
                                           (16384, 6144, 6144)]
     rows = []
@@ -84,14 +98,14 @@ def bench_fp8_gemm(dry: bool = False):
             except Exception as exc:  # noqa: BLE001 - reported, the bf16 baseline stays
                 base = f"bf16 torch.matmul (scaled_mm unavailable: {type(exc).__name__})"
         dn = _devname(dry)
-        rows.append(_row("fp8_gemm", "fp8_gemm", shape, t_hal, flops=flops, peak=PEAK["fp8"], baseline=base,
+        rows.append(_row("fp8_gemm", "fp8_gemm", shape, t_hal, flops=flops, peak=pk["fp8"], baseline=base,
                          base_ms=base_ms, goal=">= 0.95x block-scaled scaled_mm", goal_ratio=0.95, device=dn))
         if M >= 4096 or dry:
-            rows.append(_row("fp8_gemm_vs_bf16", "fp8_gemm", shape, t_hal, flops=flops, peak=PEAK["fp8"],
+            rows.append(_row("fp8_gemm_vs_bf16", "fp8_gemm", shape, t_hal, flops=flops, peak=pk["fp8"],
                              baseline="bf16 torch.matmul", base_ms=t_bf16, goal=">= 1.5x bf16 matmul", goal_ratio=1.5,
                              device=dn))
         t_tri = time_ms(lambda: triton_fp8_gemm(a, a_s, b, b_s, torch.bfloat16))
-        rows.append(_row("fp8_gemm_triton", "fp8_gemm", shape, t_tri, flops=flops, peak=PEAK["fp8"], baseline=base,
+        rows.append(_row("fp8_gemm_triton", "fp8_gemm", shape, t_tri, flops=flops, peak=pk["fp8"], baseline=base,
                          base_ms=base_ms, goal=">= 0.6x block-scaled scaled_mm", goal_ratio=0.6, device=dn))
     return rows
 
@@ -144,6 +158,7 @@ def _per_expert_loop(x, logits, w_gu, w_d, k):
 
 def bench_moe(dry: bool = False):
     rt, dev, time_ms = _rt(), _device(dry), _timer(dry)
+    pk = device_peaks(_devname(dry))
     T, E, k, H, I = (8, 8, 2, 128, 128) if dry else (4096, 256, 8, 6144, 2048)
     dn = _devname(dry)
     rows = []
@@ -153,16 +168,16 @@ def bench_moe(dry: bool = False):
     t_bf16 = time_ms(lambda: rt.moe_forward(x, logits, w_gu, w_d, top_k=k))
     if not dry and hasattr(torch, "_grouped_mm"):
         t_gmm = time_ms(_grouped_mm_composition(rt, x, logits, w_gu, w_d, k))
-        rows.append(_row("moe_forward_bf16", "moe_forward", shape, t_bf16, flops=flops, peak=PEAK["bf16"],
+        rows.append(_row("moe_forward_bf16", "moe_forward", shape, t_bf16, flops=flops, peak=pk["bf16"],
                          baseline="torch._grouped_mm composition", base_ms=t_gmm, goal=">= 1.0x", goal_ratio=1.0, device=dn))
     else:
         t_gmm = None
     t_loop = time_ms(_per_expert_loop(x, logits, w_gu, w_d, k))
-    rows.append(_row("moe_forward_bf16_vs_loop", "moe_forward", shape, t_bf16, flops=flops, peak=PEAK["bf16"],
+    rows.append(_row("moe_forward_bf16_vs_loop", "moe_forward", shape, t_bf16, flops=flops, peak=pk["bf16"],
                      baseline="per-expert loop", base_ms=t_loop, goal=">= 5x", goal_ratio=5.0, device=dn))
     x8, logits8, w_gu8, w_d8, scales = _moe_inputs(T, E, H, I, dev, True, rt)
     t_fp8 = time_ms(lambda: rt.moe_forward(x8, logits8, w_gu8, w_d8, top_k=k, **scales))
-    rows.append(_row("moe_forward_fp8", "moe_forward", shape, t_fp8, flops=flops, peak=PEAK["fp8"],
+    rows.append(_row("moe_forward_fp8", "moe_forward", shape, t_fp8, flops=flops, peak=pk["fp8"],
                      baseline="torch._grouped_mm composition (bf16)" if t_gmm else "moe_forward bf16 (HAL)",
                      base_ms=t_gmm or t_bf16, goal=">= 1.6x bf16 grouped_mm composition", goal_ratio=1.6, device=dn))
     # decode: bytes of the touched experts' weights over the measured copy bandwidth
@@ -194,6 +209,7 @@ def _causal_indices(rt, B, S, L, top_k, dev):
 
 def bench_sparse_attention(dry: bool = False):
     rt, dev, time_ms = _rt(), _device(dry), _timer(dry)
+    pk = device_peaks(_devname(dry))
     dn = _devname(dry)
     rows = []
     B, S, H, D, K = (1, 64, 2, 32, 16) if dry else (1, 65536, 16, 128, 2048)
@@ -204,7 +220,7 @@ def bench_sparse_attention(dry: bool = False):
     t_sdpa = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qt, kt, vt, is_causal=True))
     flops = 4 * B * S * H * K * D
     rows.append(_row("sparse_attention_prefill", "sparse_attention", {"B": B, "S": S, "H": H, "D": D, "top_k": K},
-                     t_sparse, flops=flops, peak=PEAK["bf16"], baseline="dense causal SDPA", base_ms=t_sdpa,
+                     t_sparse, flops=flops, peak=pk["bf16"], baseline="dense causal SDPA", base_ms=t_sdpa,
                      goal=">= 8x dense causal SDPA", goal_ratio=8.0, device=dn))
     Bd, L, Hq, K2 = (2, 64, 4, 16) if dry else (32, 65536, 64, 2048)
     qd = torch.randn(Bd, 1, Hq, 576, device=dev).bfloat16()
@@ -213,7 +229,8 @@ def bench_sparse_attention(dry: bool = False):
     t_dec = time_ms(lambda: rt.sparse_attention(qd, kv, kv[..., :512], idx_d, scale=576 ** -0.5))
     nbytes = Bd * K2 * 576 * 2 + Bd * Hq * (576 + 512) * 2
     r = _row("sparse_attention_mla_decode", "sparse_attention", {"B": Bd, "L": L, "Hq": Hq, "Dqk": 576, "Dv": 512,
-             "top_k": K2}, t_dec, nbytes=nbytes, baseline="bytes floor", base_ms=nbytes / HBM * 1e3,
+             "top_k": K2}, t_dec, nbytes=nbytes, baseline="bytes floor", base_ms=nbytes / pk["hbm"] * 1e3,
+             bw=pk["hbm"],
              goal="within 2x of the bytes floor", device=dn)
     if not dry:
         r.meets_goal = t_dec <= 2 * r.baseline_ms
@@ -223,6 +240,7 @@ def bench_sparse_attention(dry: bool = False):
 
 def bench_indexer(dry: bool = False):
     rt, dev, time_ms = _rt(), _device(dry), _timer(dry)
+    pk = device_peaks(_devname(dry))
     B, S, Hi, D, K = (1, 64, 4, 32, 16) if dry else (1, 65536, 32, 128, 2048)
     q = torch.randn(B, S, Hi, D, device=dev).bfloat16()
     k = torch.randn(B, S, D, device=dev).bfloat16()
@@ -233,7 +251,7 @@ def bench_indexer(dry: bool = False):
     t_sdpa = time_ms(lambda: torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=True))
     flops = B * S * S * Hi * D                                    # causal half of 2 * S * L * Hi * D
     return [_row("lightning_indexer", "lightning_indexer", {"B": B, "S": S, "Hi": Hi, "D": D, "top_k": K}, t_idx,
-                 flops=flops, peak=PEAK["bf16"], baseline=f"dense causal SDPA (B={B}, {H} heads, D={Dh})",
+                 flops=flops, peak=pk["bf16"], baseline=f"dense causal SDPA (B={B}, {H} heads, D={Dh})",
                  base_ms=t_sdpa, goal="no slower than dense SDPA (>= 1.0x)", goal_ratio=1.0, device=_devname(dry))]
 
 

@@ -4,8 +4,9 @@ block-scaled FP8 GEMM everywhere else.
 Triton kernel: one program per (BLOCK_M x BLOCK_N) output tile; the K loop walks 128-wide blocks
 (the scale granularity), each block's fp8 x fp8 dot accumulates in fp32 and is promoted with
 ``a_scale[m, kb] * b_scale[n // 128, kb]`` (DeepGEMM's per-block promotion); partial M, N, K are
-masked; row offsets are int64 (M * K passes 2^31 at 4096 x 7168 x ... prefill batches). cuBLAS path (SM90, cuBLASLt >= 12.9, K % 128 == 0, N % 16 == 0): ``torch._scaled_mm`` with
-1x128 activation scales laid out column-major [M, K/128] and ``b_scale.t()`` as 128x128 weight
+masked; row offsets are int64 (M * K passes 2^31 in long prefills); tiles from
+:func:`hal_cuda.launch.fp8_gemm_config`. cuBLAS path (SM90, cuBLASLt >= 12.9, K % 128 == 0,
+N % 16 == 0): ``torch._scaled_mm`` with 1x128 activation scales laid out column-major [M, K/128] and ``b_scale.t()`` as 128x128 weight
 scales; :func:`plan_cublas` decides and :func:`cublas_scales` builds the layouts (both tested on
 the CPU; the numbers only on a GPU through ci/gpu_check.sh).
 """

@@ -83,7 +83,8 @@ def _sparse_attn_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr, S, Hq, G
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), m_i + tl.log(tl.where(empty, 1.0, l_i)))
     o_row = (tok * Hq + heads[:, None]) * Dv
-    tl.store(out_ptr + o_row + rdv[None, :], out.to(out_ptr.dtype.element_ty), mask=gmask[:, None] & (rdv[None, :] < Dv))
+    tl.store(out_ptr + o_row + rdv[None, :], out.to(out_ptr.dtype.element_ty),
+             mask=gmask[:, None] & (rdv[None, :] < Dv))
     tl.store(lse_ptr + tok * Hq + heads, lse, mask=gmask)
 
 
@@ -107,6 +108,7 @@ def sparse_attention(q, k, v, indices, *, scale, return_lse):
                                   Dv, topk, float(scale), q.stride(0), q.stride(1), q.stride(2), k.stride(0),
                                   k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                                   BLOCK_G=cfg.BLOCK_G, BLOCK_K=cfg.BLOCK_K, BLOCK_D=cfg.BLOCK_D, BLOCK_DV=cfg.BLOCK_DV,
-                                  DOT=cfg.DOT, UPCAST=cfg.UPCAST, PRECISION=cfg.PRECISION, **({} if INTERPRET else {"num_warps": cfg.num_warps}))
+                                  DOT=cfg.DOT, UPCAST=cfg.UPCAST, PRECISION=cfg.PRECISION,
+                                  **({} if INTERPRET else {"num_warps": cfg.num_warps}))
     out = finish(out, q.dtype)
     return (out, lse) if return_lse else out

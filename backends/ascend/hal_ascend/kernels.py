@@ -13,7 +13,7 @@ from hal import blockscale
 from hal_ascend.limits import (FLOATS, GATING_MAX_EXPERTS, GMM_MAX_GROUPS, GROUP_SCORE_MAX, GROUP_SCORE_TOP2_SUM, HALF,
                                INDEXER_HEAD_DIM, INDEXER_MAX_HEADS, INIT_ROUTING_MAX_EXPERTS, SFA_NOPE_DIM, SFA_Q_HEADS,
                                SFA_ROPE_DIM, SOFTMAX_GATING_MAX_K, SPARSE_COUNTS)
-from hal_ascend.npu import ops as npu
+from hal_ascend.npu import functions as npu
 
 # FP8 experts (declared emulation): the most dequantized fp32 weight bytes held at once
 FP8_DEQUANT_BUDGET_BYTES = 256 << 20

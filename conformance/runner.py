@@ -13,6 +13,7 @@ import torch
 from hal.contract import CONTRACT, DispatchPlan
 from hal.conformance import metrics
 from hal.conformance.cases import Case, catalog
+from hal.binding import to_device
 from hal.errors import UnsupportedCase
 
 STATUSES = ("PASS", "FAIL", "ERROR", "UNSUPPORTED", "SKIPPED", "NONDETERMINISTIC", "CORRUPT")
@@ -50,14 +51,6 @@ def flatten_outputs(out) -> list[torch.Tensor]:
     if isinstance(out, tuple):
         return list(out)
     return [out]
-
-
-def to_device(obj, device):
-    if isinstance(obj, (torch.Tensor, DispatchPlan)):
-        return obj.to(device)
-    if isinstance(obj, tuple):
-        return tuple(to_device(o, device) for o in obj)
-    return obj
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -49,13 +49,14 @@ class PlanEntry:
         return dataclasses.asdict(self)
 
 
-def _to_device(obj, device):
+def to_device(obj, device):
+    """``obj`` with every tensor (and DispatchPlan) in it moved to ``device`` (tuples walked)."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device)
     if isinstance(obj, DispatchPlan):
         return obj.to(device)
     if isinstance(obj, tuple):
-        return tuple(_to_device(o, device) for o in obj)
+        return tuple(to_device(o, device) for o in obj)
     return obj
 
 
@@ -75,13 +76,14 @@ def reference_on_cpu(kernel: Callable) -> Callable:
         device = _device_of(args, kwargs)
         if device.type == "cpu":
             return kernel(*args, **kwargs)
-        out = kernel(*_to_device(args, "cpu"), **{k: _to_device(v, "cpu") for k, v in kwargs.items()})
-        return _to_device(out, device)
+        out = kernel(*to_device(args, "cpu"), **{k: to_device(v, "cpu") for k, v in kwargs.items()})
+        return to_device(out, device)
 
     return run
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
+    """Wait for ``device``'s queued work (no-op on the CPU): what profiling and timing need."""
     if device.type != "cpu":
         acc = getattr(torch, "accelerator", None)
         if acc is not None and hasattr(acc, "synchronize"):
@@ -159,7 +161,7 @@ def make_bound_op(spec: OpSpec, kernel: Callable, *, supports: Optional[Callable
     call = ", ".join(p.name if p.kind is p.POSITIONAL_OR_KEYWORD else f"{p.name}={p.name}" for p in params)
     env: dict[str, Any] = {"_validate": spec.validate, "_kernel": kernel, "_supports": supports,
                            "_fallback": fallback, "_entry": entry, "_perf": time.perf_counter,
-                           "_sync": _sync, "_device_of": _device_of, "_Unsupported": UnsupportedCase,
+                           "_sync": sync_device, "_device_of": _device_of, "_Unsupported": UnsupportedCase,
                            "_backend": backend_name, "_op": spec.name, "_warn": _warn_once, "_seen": {},
                            "_checked": checked_mode, "_CV": _CHECKED_HERE, "_mode": checked,
                            "_check_out": check_outputs, "_spec": spec, "_cap": VALIDATED_CACHE_SIZE}

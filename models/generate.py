@@ -9,6 +9,8 @@ from typing import Optional, Sequence
 
 import torch
 
+from hal.binding import sync_device as _sync
+
 
 class PromptError(ValueError):
     """A prompt the model cannot take (empty, out-of-vocabulary ids, longer than its maximum)."""
@@ -55,9 +57,6 @@ def _token_id(t) -> int:
     raise PromptError(f"token ids must be integers, got {t!r}")
 
 
-def _sync(device: torch.device) -> None:
-    if device.type != "cpu" and hasattr(torch, "accelerator"):
-        torch.accelerator.synchronize()
 
 
 @torch.no_grad()

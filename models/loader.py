@@ -15,6 +15,7 @@ from typing import Callable, Optional
 
 import torch
 
+from hal import blockscale
 from hal.models.config import ModelConfig, ModelConfigError
 from hal.models.layers import (DecoderLayer, GQAAttention, Indexer, Linear, MLAAttention, MLP, MoE)
 from hal.models.model import CausalLM
@@ -258,8 +259,7 @@ class _Builder:
 
     @staticmethod
     def _dequant(lin: Linear) -> torch.Tensor:
-        s = lin.scale.repeat_interleave(128, 0)[: lin.weight.shape[0]].repeat_interleave(128, 1)[:, : lin.weight.shape[1]]
-        return lin.weight.float() * s
+        return blockscale.dequantize(lin.weight, lin.scale)
 
     def moe(self, prefix) -> MoE:
         c = self.cfg

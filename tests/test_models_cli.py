@@ -194,9 +194,10 @@ def test_model_conformance_on_the_ascend_emulator(tmp_path):
                HAL_ASCEND_EMULATE="1")
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     m = json.loads(out.stdout)["models"][0]
-    assert m["dtype"] == "bfloat16" and m["passed"] and m["label"] == "ascend (emulated torch_npu)"
+    # hal-ascend runs every op the model uses in fp32 too (the DSA ops' fp32 path is torch ops on the
+    # device), so the model is compared in fp32, where the budget is the floors
+    assert m["dtype"] == "float32" and m["passed"] and m["label"] == "ascend (emulated torch_npu)"
     assert _native({p["op"]: p for p in m["plan"]}, ("moe_forward", "lightning_indexer", "sparse_attention"))
-    # bf16 on the backend is as close to the fp32 truth as the reference's own bf16 model
     assert m["kl_mean"] <= 2 * m["reference_at_dtype"]["kl_mean"] + 1e-4
 
 

@@ -264,10 +264,15 @@ def test_two_calls_equal_one_call():
     torch.testing.assert_close(torch.cat([o1, o2], 1), out, rtol=0, atol=1e-6)
     torch.testing.assert_close(s2, state, rtol=0, atol=1e-6)
     x, w = torch.randn(2, 20, 8), torch.randn(8, 4)
-    y, win = CONV(x, w, activation="silu")
-    y1, w1 = CONV(x[:, :7], w, activation="silu")
-    y2, w2 = CONV(x[:, 7:], w, conv_state=w1, activation="silu")
-    assert torch.equal(torch.cat([y1, y2], 1), y) and torch.equal(w2, win)
+    for act in ("none", "silu"):
+        y, win = CONV(x, w, activation=act)
+        y1, w1 = CONV(x[:, :7], w, activation=act)
+        y2, w2 = CONV(x[:, 7:], w, conv_state=w1, activation=act)
+        assert torch.equal(w2, win)
+        if act == "none":
+            assert torch.equal(torch.cat([y1, y2], 1), y)
+        else:         # torch's vectorized and scalar sigmoid may differ in the last bit by position
+            torch.testing.assert_close(torch.cat([y1, y2], 1), y, rtol=3e-7, atol=0)
 
 
 def test_state_slots_read_the_named_rows():

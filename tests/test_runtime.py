@@ -157,8 +157,8 @@ def test_ops_validate_non_tensor_first_argument():
 
 
 def test_reference_fallback_moves_plans_and_tuples():
-    from hal.binding import _device_of, _to_device
+    from hal.binding import _device_of, to_device
     plan = KERNELS["moe_dispatch"](torch.randn(2, 4), torch.tensor([[0], [1]]), 2)
-    moved = _to_device((plan, torch.ones(1)), "meta")
+    moved = to_device((plan, torch.ones(1)), "meta")
     assert moved[0].hidden.device.type == "meta" and moved[1].device.type == "meta"
     assert _device_of((moved[0],), {}).type == "meta"

@@ -41,8 +41,15 @@ def _device(dry):
 
 
 def _rt():
+    """The cuda runtime the benchmarks time: every op hal-cuda implements must be bound natively
+    (contract ops it lacks may fall back; no benchmark calls them)."""
     import hal
-    return hal.runtime("cuda", fallback="error", validate=False)
+    from hal_cuda.plugin import OPS
+    rt = hal.runtime("cuda", fallback="reference", validate=False)
+    not_native = {e.op: e.path for e in rt.plan() if e.op in OPS and e.path != "native"}
+    if not_native:
+        raise RuntimeError(f"hal-cuda benchmarks need every hal-cuda op native, got {not_native}")
+    return rt
 
 
 def _row(name, op, shape, t_ms, *, flops=None, nbytes=None, peak=None, bw=None, baseline="", base_ms=None, goal="",

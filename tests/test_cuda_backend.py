@@ -329,3 +329,22 @@ def test_benchmark_floors_follow_the_device():
     assert (h100["device"], h100["hbm"], h100["bf16"]) == ("H100", 3.35e12, 989e12)
     other = device_peaks("NVIDIA A100-SXM4-80GB")
     assert other["hbm"] == 3.35e12 and "no table for 'NVIDIA A100-SXM4-80GB'" in other["device"]
+
+
+def test_gpu_reference_falls_back_to_the_cpu_evaluation_where_it_cannot_run():
+    """The full level's reference is evaluated on the GPU; where that fails (here: no GPU) the
+    case gets the CPU evaluation, identical to the runner's own, and the fallback is counted."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the fallback path cannot be forced")
+    from hal.conformance import runner
+    from hal.conformance.cases import catalog
+    from hal_cuda import gpu_check
+    case = catalog("quick", ["fp8_quantize"])[0]
+    args, kwargs = case.materialize(0)
+    gpu_check.CPU_REFERENCE = runner.reference_outputs
+    before = dict(gpu_check.REFERENCE_DEVICE)
+    truth, ref = gpu_check.gpu_reference_outputs(case, args, kwargs)
+    want_truth, want_ref = runner.reference_outputs(case, args, kwargs)
+    assert runner.identical(truth, want_truth) and runner.identical(ref, want_ref)
+    assert gpu_check.REFERENCE_DEVICE["cpu (GPU evaluation failed)"] == before["cpu (GPU evaluation failed)"] + 1
+    assert gpu_check.REFERENCE_DEVICE["cuda"] == before["cuda"]

@@ -263,7 +263,8 @@ def test_two_calls_equal_one_call():
     o2, s2 = GDR(q[:, 7:], k[:, 7:], v[:, 7:], g[:, 7:], beta[:, 7:], initial_state=s1, **kw)
     torch.testing.assert_close(torch.cat([o1, o2], 1), out, rtol=0, atol=1e-6)
     torch.testing.assert_close(s2, state, rtol=0, atol=1e-6)
-    x, w = torch.randn(2, 20, 8), torch.randn(8, 4)
+    gen = torch.Generator().manual_seed(13)
+    x, w = torch.randn(2, 20, 8, generator=gen), torch.randn(8, 4, generator=gen)
     for act in ("none", "silu"):
         y, win = CONV(x, w, activation=act)
         y1, w1 = CONV(x[:, :7], w, activation=act)
@@ -277,12 +278,13 @@ def test_two_calls_equal_one_call():
 
 def test_state_slots_read_the_named_rows():
     q, k, v, g, beta = _gdr_inputs(3, 2, 1, 2, 4, 4, seed=10)
-    pool = torch.randn(5, 2, 4, 4)
+    gen = torch.Generator().manual_seed(14)
+    pool = torch.randn(5, 2, 4, 4, generator=gen)
     slots = torch.tensor([4, 0, 4], dtype=torch.int32)               # a repeated slot is legal
     out, state = GDR(q, k, v, g, beta, scale=0.5, initial_state=pool, state_indices=slots)
     o2, s2 = GDR(q, k, v, g, beta, scale=0.5, initial_state=pool[slots.long()].clone())
     assert torch.equal(out, o2) and torch.equal(state, s2)
-    x, w, cs = torch.randn(3, 1, 6), torch.randn(6, 3), torch.randn(5, 2, 6)
+    x, w, cs = torch.randn(3, 1, 6, generator=gen), torch.randn(6, 3, generator=gen), torch.randn(5, 2, 6, generator=gen)
     assert all(torch.equal(a, b) for a, b in zip(CONV(x, w, conv_state=cs, state_indices=slots),
                                                  CONV(x, w, conv_state=cs[slots.long()].clone())))
 
@@ -302,7 +304,7 @@ def test_padding_is_inert():
 
 def test_empty_and_decay_edges():
     q, k, v, g, beta = _gdr_inputs(2, 0, 1, 2, 4, 4)
-    h0 = torch.randn(2, 2, 4, 4)
+    h0 = torch.randn(2, 2, 4, 4, generator=torch.Generator().manual_seed(15))
     out, state = GDR(q, k, v, g, beta, scale=0.5, initial_state=h0)
     assert out.shape == (2, 0, 2, 4) and torch.equal(state, h0) and state.data_ptr() != h0.data_ptr()
     q, k, v, g, beta = _gdr_inputs(1, 3, 1, 1, 4, 4, seed=12)
@@ -514,3 +516,22 @@ def test_an_honest_chunked_kernel_passes_the_budgets(fresh_registry, one_thread)
         get_registry().unregister("chunked-transformers")
     assert {r.case: r.status for r in run.results} == {c.name: "PASS" for c in catalog("quick", ["gated_delta_rule"])}, \
         [(r.case, r.reason) for r in run.results if r.status != "PASS"]
+
+
+def test_torch_compile_traces_a_gated_deltanet_step(one_thread):
+    # the short conv, then the delta rule, through torch.ops.hal with fullgraph=True
+    gen = torch.Generator().manual_seed(16)
+    x, w = torch.randn(2, 5, 24, generator=gen), torch.randn(24, 4, generator=gen)
+    g, beta = -torch.rand(2, 5, 2, generator=gen), torch.rand(2, 5, 2, generator=gen)
+    lens = torch.tensor([5, 3])
+
+    def layer(x, w, g, beta, lens):
+        y, window = torch.ops.hal.causal_conv1d(x, w, None, None, None, lens, "silu")
+        q, k, v = y.view(2, 5, 3, 2, 4).unbind(2)
+        out, state = torch.ops.hal.gated_delta_rule(q, k, v, g, beta, 0.5, None, None, lens, True)
+        return out * 2, state, window
+
+    torch._dynamo.reset()
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(x, w, g, beta, lens), layer(x, w, g, beta, lens)):
+        assert torch.equal(got, want)

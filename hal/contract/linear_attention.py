@@ -17,7 +17,6 @@ from hal.contract._spec import ExactBudget, FloatBudget, TensorMeta, data_checks
 from hal.errors import ContractError
 
 CONV_ACTIVATIONS = ("none", "silu")
-L2NORM_EPS = 1e-6
 
 
 def _lengths_and_slots(op: str, B: int, T: int, state, state_name: str, state_indices, seq_lens):
@@ -104,7 +103,10 @@ def gated_delta_rule(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: torch
     computing each chunk's outputs from the state at its start plus its own tokens (the
     WY / UT-transform form FLA uses) and carrying the state to the next chunk gives the same
     function; the chunk size is not part of the contract, and a call split into two calls (the
-    first's final_state as the second's initial_state) equals one call.
+    first's final_state as the second's initial_state) equals one call. Hence one op, not two
+    (chunked prefill, recurrent decode): they are two algorithms for this one function, so one
+    definition, one budget and one case catalog hold a backend to both, and the backend picks
+    per call (e.g. the recurrence for a few tokens per sequence, chunks for a prefill).
     Stability: the recurrence stays bounded when ``0 <= beta * |k|^2 <= 2`` (l2-normalized k and
     beta in [0, 1], as the models use it); it is not checked. NaN / Inf in q, k, v, beta or the
     initial state propagate through the affected (sequence, head).

@@ -26,7 +26,6 @@ INT64_OFFSETS = {
     "_scores_kernel": "query rows (b * S + s), key rows (b * L + key) and the chunk buffer rows",
     "_fp8_gemm_kernel": "rm * K, rn * K and rm * N",
     "_grouped_gemm_kernel": "segment rows (start + rm) * K and * N, expert base e * N * K",
-    "_route_kernel": "t * E",
 }
 
 

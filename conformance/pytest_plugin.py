@@ -2,7 +2,7 @@
 
 A backend's own test suite certifies it with one line::
 
-    pytest --hal-backend mybackend [--hal-level quick|full] [--hal-seed 0] [--hal-ops a,b]
+    pytest --hal-backend mybackend [--hal-level quick|full|models] [--hal-seed 0] [--hal-ops a,b]
            [--hal-fallback error|reference]
 
 Each op x case becomes a test item ``hal[<backend>]::<op>/<case>``: PASS passes, FAIL and ERROR
@@ -18,7 +18,7 @@ def pytest_addoption(parser):
     group = parser.getgroup("hal", "HAL conformance")
     group.addoption("--hal-backend", action="store", default=None, metavar="NAME",
                     help="certify this HAL backend with the conformance catalog")
-    group.addoption("--hal-level", action="store", default="quick", choices=("quick", "full"),
+    group.addoption("--hal-level", action="store", default="quick", choices=("quick", "full", "models"),
                     help="catalog level: quick (tiny shapes) or full (real model shapes)")
     group.addoption("--hal-seed", action="store", type=int, default=0, help="seed of the case data")
     group.addoption("--hal-ops", action="store", default=None, metavar="a,b",

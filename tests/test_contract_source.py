@@ -31,7 +31,7 @@ def _flat(out):
     return list(out) if isinstance(out, tuple) else [out]
 
 
-@pytest.mark.parametrize("op", list(CONTRACT)[:11])
+@pytest.mark.parametrize("op", [op for op, spec in CONTRACT.items() if spec.family != "test"])
 def test_meta_matches_what_the_reference_returns(op):
     """Each spec's ``meta`` (which generates the fakes and the output checks) agrees with the
     reference on the spec's own sample: an independent check of every meta function."""

@@ -202,10 +202,12 @@ def test_model_conformance_on_the_ascend_emulator(tmp_path):
 
 
 def test_run_on_the_triton_interpreter_matches_the_reference():
-    """GLM-5 on hal-cuda's Triton kernels (indexer, sparse attention in both MLA forms, fused MoE)."""
+    """GLM-5 (DSA) on hal-cuda's Triton kernels (indexer, sparse attention in both MLA forms, fused
+    MoE), two prompts of different lengths: right padding, so the indexer's q_offset matters."""
     pytest.importorskip("hal_cuda")
     pytest.importorskip("triton")
-    cmd = ("run", "--model", "tiny-glm5", "--prompt-ids", "1,2,3,4,5,6,7,8,9,10,11", "--max-new-tokens", "2", "--json")
+    cmd = ("run", "--model", "tiny-glm5", "--prompt-ids", "1,2,3,4,5,6,7,8,9,10,11;40,41,42,43", "--max-new-tokens", "2",
+           "--json")
     ref = _cli(*cmd, "--backend", "cpu")
     out = _cli(*cmd, "--backend", "cuda", HAL_CUDA_INTERPRET="1")
     assert ref.returncode == 0 and out.returncode == 0, ref.stderr[-2000:] + out.stderr[-2000:]

@@ -55,6 +55,10 @@ def _cases(g):
     a, a_s = ops.fp8_quantize(xa)
     b, b_s = ops.fp8_quantize_weight(wb)
     route = dict(top_k=3, correction_bias=bias, n_group=4, topk_group=2)
+    qd, kd, vd = (torch.randn(2, 6, 1, 8, generator=g), torch.randn(2, 6, 1, 8, generator=g),
+                  torch.randn(2, 6, 2, 4, generator=g))
+    gd, bd = -torch.rand(2, 6, 2, generator=g), torch.rand(2, 6, 2, generator=g)
+    xc, wc = torch.randn(2, 5, 8, generator=g), torch.randn(8, 4, generator=g)
     # (op, positional tensors, keywords whose tensors are re-laid out too, fixed keywords)
     return [
         ("moe_route", (logits,), {"correction_bias": bias}, dict(top_k=3, n_group=4, topk_group=2)),
@@ -69,6 +73,12 @@ def _cases(g):
         ("fp8_quantize_weight", (wb,), {}, {}),
         ("fp8_gemm", (a, a_s, b, b_s), {"bias": torch.randn(140, generator=g)}, dict(out_dtype=torch.float32)),
         ("fp8_linear", (xa, b, b_s), {}, {}),
+        ("gated_delta_rule", (qd, kd, vd, gd, bd), {"initial_state": torch.randn(3, 2, 8, 4, generator=g),
+                                                   "state_indices": torch.tensor([2, 0]), "seq_lens": torch.tensor([6, 3])},
+         dict(scale=0.3, qk_l2norm=True)),
+        ("causal_conv1d", (xc, wc), {"bias": torch.randn(8, generator=g), "conv_state": torch.randn(3, 3, 8, generator=g),
+                                     "state_indices": torch.tensor([1, 2]), "seq_lens": torch.tensor([5, 2])},
+         dict(activation="silu")),
         # one row / one query: BLAS takes its GEMV paths, whose summation order follows the layout
         ("fp8_gemm", (a[:1], a_s[:1], b, b_s), {}, dict(out_dtype=torch.float32)),
         ("fp8_linear", (xa[:1], b, b_s), {}, {}),
@@ -103,6 +113,7 @@ OUTPUT_DTYPES = {
     "moe_combine": ("float",), "moe_forward": ("float",), "lightning_indexer": (torch.int32,),
     "sparse_attention": ("float", "float"), "fp8_quantize": (torch.float8_e4m3fn, torch.float32),
     "fp8_quantize_weight": (torch.float8_e4m3fn, torch.float32), "fp8_gemm": ("float",), "fp8_linear": ("float",),
+    "gated_delta_rule": ("float", "float"), "causal_conv1d": ("float", torch.float32),
 }
 
 

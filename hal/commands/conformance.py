@@ -94,8 +94,9 @@ _NEEDS_BACKEND = ("missing --backend NAME|all: say which backend to certify, e.g
 @click.group(invoke_without_command=True)
 @click.option("--backend", "-b", "backend", metavar="NAME|all", help="Backend to certify; 'all' = every installed one.")
 @click.option("--ops", "ops", metavar="a,b", help="Only these ops (comma-separated).")
-@click.option("--level", type=click.Choice(["quick", "full"]), default="quick", show_default=True,
-              help="quick: tiny shapes (CI, interpreters, emulators); full: real model shapes (a GPU/NPU machine).")
+@click.option("--level", type=click.Choice(["quick", "full", "models"]), default="quick", show_default=True,
+              help="quick: tiny shapes (CI, interpreters, emulators); full: real model shapes (a GPU/NPU machine); "
+              "models: the calls the built-in models make under hal run, recorded and replayed.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the random case data.")
 @click.option("--report-dir", type=click.Path(file_okay=False),
               help="Write the reports into this folder as one set: DIR/BACKEND.run-*/conformance-BACKEND.* and "

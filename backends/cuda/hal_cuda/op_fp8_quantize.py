@@ -24,7 +24,7 @@ def ceil_to_ue8m0(s):
 
 @triton.jit
 def _quantize_kernel(x_ptr, q_ptr, s_ptr, K, G, group_size, UE8M0: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)          # row * K passes 2^31 at T*k*H > 2^31 (FP8 moe_forward prefill)
     g = tl.program_id(1)
     offs = g * group_size + tl.arange(0, BLOCK)
     mask = (tl.arange(0, BLOCK) < group_size) & (offs < K)

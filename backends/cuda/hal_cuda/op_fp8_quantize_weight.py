@@ -8,7 +8,7 @@ from hal_cuda._triton import div_rn, e4m3_bits, next_pow2
 
 @triton.jit
 def _weight_kernel(w_ptr, q_ptr, s_ptr, N, K, KB, block, BLOCK: tl.constexpr):
-    nb = tl.program_id(0)
+    nb = tl.program_id(0).to(tl.int64)           # rows * K: 64-bit offsets (an expert-stacked weight passes 2^31)
     kb = tl.program_id(1)
     rows = nb * block + tl.arange(0, BLOCK)
     cols = kb * block + tl.arange(0, BLOCK)

@@ -1,0 +1,54 @@
+"""The ``models`` conformance level replays the calls the built-in models make, so an argument the
+models pass (q_offset, k_lengths, right padding) cannot escape certification."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import hal
+from hal.backend import Backend, OpCapability
+from hal.conformance.cases import catalog
+from hal.conformance.runner import certify
+from hal.registry import get_registry
+
+
+def test_the_models_level_holds_every_models_calls_with_their_real_arguments():
+    cases = catalog("models")
+    by_model = {}
+    for c in cases:
+        by_model.setdefault(c.tags[1], set()).add(c.op)
+    assert set(by_model) == {"tiny-glm5", "tiny-deepseek-v32", "tiny-glm45"}
+    assert {"moe_forward", "lightning_indexer", "sparse_attention"} <= by_model["tiny-glm5"]
+    indexer = [c for c in cases if c.op == "lightning_indexer"]
+    def explicit_offset_differs_from_the_default(case):
+        (q, _, _), kw = case.materialize(0)
+        return kw["q_offset"] is not None and kw["k_lengths"] is not None and \
+            not torch.equal(kw["q_offset"].long(), kw["k_lengths"].long() - q.shape[1])
+    # right-padded prompts of different lengths: the models pass q_offset, and it matters
+    assert any(explicit_offset_differs_from_the_default(c) for c in indexer)
+    a, b = indexer[0].materialize(0), indexer[0].materialize(1)              # recorded data: seed-independent
+    assert torch.equal(a[0][0], b[0][0])
+
+
+def test_the_reference_passes_and_an_indexer_ignoring_q_offset_fails():
+    run = certify("cpu", level="models")
+    assert run.results and all(r.status == "PASS" for r in run.results)
+    from hal.backends.cpu import KERNELS
+
+    def no_offset(q, k, weights, *, top_k, causal, q_offset, k_lengths, q_scale, k_scale):
+        return KERNELS["lightning_indexer"](q, k, weights, top_k=top_k, causal=causal, q_offset=None,
+                                            k_lengths=k_lengths, q_scale=q_scale, k_scale=k_scale)
+
+    get_registry().register_backend(Backend("ignores-q-offset", priority=-50, kernels={"lightning_indexer": no_offset},
+                                            capabilities={"lightning_indexer": OpCapability()}))
+    try:
+        run = certify("ignores-q-offset", level="models", ops=["lightning_indexer"])
+        assert any(r.status == "FAIL" for r in run.results), [(r.case, r.status) for r in run.results]
+    finally:
+        get_registry().unregister("ignores-q-offset")
+
+
+def test_unknown_level_is_refused():
+    with pytest.raises(ValueError, match="level"):
+        catalog("huge")
+    assert hal.CONTRACT

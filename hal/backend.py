@@ -116,6 +116,15 @@ class Backend:
         k = self._kernels() if callable(self._kernels) else self._kernels
         return dict(k or {})
 
+    def with_options(self, **options) -> "Backend":
+        """Optional: a new instance of this backend with per-instance options (what
+        ``hal.runtime(name, options={...})`` binds), e.g. hal-ascend's ``emulate``. Environment
+        variables only give the defaults, so one process can hold differently configured
+        instances. The default takes no option."""
+        if options:
+            raise TypeError(f"backend {self.name!r} takes no options (got {', '.join(sorted(options))})")
+        return self
+
     def prepare_weights(self, op: str, weights: dict) -> dict:
         """Optional: lay out ``op``'s weights once, at load (called through
         ``Runtime.prepare_weights``, which models call after loading). ``weights`` maps the op's

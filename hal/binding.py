@@ -93,8 +93,9 @@ def sync_device(device: torch.device) -> None:
 VALIDATED_CACHE_SIZE = 4096
 
 
-def _tensor_key(name: str) -> str:
-    return f"(None if {name} is None else ({name}.shape, {name}.dtype, {name}.device))"
+def _tensor_key(name: str, optional: bool) -> str:
+    key = f"{name}.shape, {name}.dtype, {name}.device"
+    return f"(None if {name} is None else ({key}))" if optional else key
 
 
 def _plan_key(name: str) -> str:
@@ -105,16 +106,20 @@ def _plan_key(name: str) -> str:
 
 def _call_key(spec: OpSpec) -> str:
     """Source of the expression a bound op uses as its validation-cache key: every tensor's
-    shape, dtype and device, every other argument's value and type."""
+    shape, dtype and device, every other argument's value (and, for ints and bools, whose values
+    compare equal across the two types, its type). A required tensor that is not a tensor makes
+    the key fail to build: that call is validated (and refused) normally."""
     parts = []
     for p in spec.signature.parameters.values():
         ann = str(p.annotation)
         if "DispatchPlan" in ann:
             parts.append(_plan_key(p.name))
         elif "Tensor" in ann:
-            parts.append(_tensor_key(p.name))
-        else:
+            parts.append(_tensor_key(p.name, "Optional" in ann or p.default is None))
+        elif ann in ("int", "bool"):
             parts.append(f"{p.name}, {p.name}.__class__")
+        else:
+            parts.append(p.name)
     return "(" + ", ".join(parts) + ",)"
 
 
@@ -338,7 +343,8 @@ def resolve(backend: str = "auto", registry: Optional[Registry] = None) -> Backe
 
 
 def runtime(backend: str = "auto", *, fallback: str = "reference", profile: bool = False, validate: bool = True,
-            checked: Optional[bool] = None, registry: Optional[Registry] = None) -> Runtime:
+            checked: Optional[bool] = None, options: Optional[dict] = None,
+            registry: Optional[Registry] = None) -> Runtime:
     """Bind every contract op to a kernel of ``backend`` once; return the :class:`Runtime`.
 
     backend: a backend name ("cpu", "cuda", "ascend", a plugin's name) or "auto" (``HAL_BACKEND``
@@ -353,6 +359,15 @@ def runtime(backend: str = "auto", *, fallback: str = "reference", profile: bool
     checked: this runtime's checked mode (data checks on device tensors, output shapes/dtypes
     compared with the contract); None follows the process default (``HAL_CHECKED``,
     :func:`hal.set_checked`).
+    options: per-instance backend options (``Backend.with_options``), e.g. ``{"emulate": True}`` for
+    hal-ascend: environment variables only give their defaults, so one process can hold a real
+    and an emulated backend at once. Unknown options raise ValueError.
     """
-    return Runtime(resolve(backend, registry), fallback=fallback, profile=profile, validate=validate, checked=checked,
-                   registry=registry)
+    if options:                  # the listed instance may be unavailable with its defaults: configure by name
+        name = resolve(backend, registry).name if backend == "auto" else backend
+        record = (registry or get_registry()).configured(name, dict(options))
+        if record.status != "available":
+            raise BackendUnavailable(record.name, record.status, record.reason)
+    else:
+        record = resolve(backend, registry)
+    return Runtime(record, fallback=fallback, profile=profile, validate=validate, checked=checked, registry=registry)

@@ -316,6 +316,21 @@ class Registry:
                                          f"(installed: {known}){hint}")
             return self._probe(rec)
 
+    def configured(self, name: str, options: dict) -> BackendRecord:
+        """A record for backend ``name`` built with ``options`` (``Backend.with_options``), probed
+        (with the timeout) and kernel-checked like the listed one, but not listed: the listed
+        instance keeps its environment defaults."""
+        base = self.record(name)
+        if base.backend is None:
+            raise BackendUnavailable(name, base.status, base.reason)
+        try:
+            backend = base.backend.with_options(**options)
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
+        rec = dataclasses.replace(base, status="unprobed", reason="not probed yet", backend=backend, availability=None,
+                                  traceback=None)
+        return self._probe(rec)
+
     def get(self, name: str) -> Backend:
         """The backend object ``name`` if it is available; BackendUnavailable with the reason otherwise."""
         rec = self.record(name)

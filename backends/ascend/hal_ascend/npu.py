@@ -10,6 +10,8 @@ plain functions (``binding().reason`` says so). The backend's kernels are the sa
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 import types
 
@@ -18,11 +20,25 @@ NAMES = ("npu_moe_gating_top_k", "npu_moe_gating_top_k_softmax", "npu_moe_init_r
 
 
 def emulating() -> bool:
+    """The process default of the emulate mode: ``HAL_ASCEND_EMULATE``."""
     return os.environ.get("HAL_ASCEND_EMULATE", "") not in ("", "0")
 
 
-_functions = None
+# the mode of the backend instance whose kernel is running (AscendBackend wraps its kernels so),
+# so one process can hold an emulated and a real hal-ascend runtime at once
+_MODE: contextvars.ContextVar = contextvars.ContextVar("hal_ascend_emulate", default=None)
+_functions: dict = {}
 _binding = None
+
+
+@contextlib.contextmanager
+def mode(emulate: bool):
+    """Within the block, :func:`functions` returns the emulated (True) or real (False) seam."""
+    token = _MODE.set(bool(emulate))
+    try:
+        yield
+    finally:
+        _MODE.reset(token)
 
 
 def binding():
@@ -35,35 +51,42 @@ def binding():
 
 
 def functions():
-    global _functions
-    if _functions is None:
-        if emulating():
-            b = binding()
-            if b.bound:
-                _functions = types.SimpleNamespace(**b.ops)
-            else:
-                from hal_ascend import emulator
-                _functions = types.SimpleNamespace(**{n: emulator.IMPLS[n] for n in NAMES})
-        else:
-            import torch
-            import torch_npu
-            found, missing = {}, []
-            for n in NAMES:
-                fn = getattr(torch_npu, n, None)
-                for ns in ("npu", "custom"):             # torch.ops.npu.* / torch.ops.custom.* (the DSA ops)
-                    if fn is None:
-                        try:
-                            fn = getattr(getattr(torch.ops, ns), n)
-                        except (AttributeError, RuntimeError):
-                            fn = None
-                if fn is None:
-                    missing.append(n)
-                found[n] = fn
-            if missing:
-                raise RuntimeError(f"torch_npu {getattr(torch_npu, '__version__', '?')} has no {', '.join(missing)} "
-                                   "(neither torch_npu.<op> nor torch.ops.npu / torch.ops.custom)")
-            _functions = types.SimpleNamespace(**found)
-    return _functions
+    """The seam for the running kernel's mode (see :func:`mode`; default :func:`emulating`)."""
+    emulate = _MODE.get()
+    emulate = emulating() if emulate is None else emulate
+    found = _functions.get(emulate)
+    if found is None:
+        found = _functions[emulate] = _emulated() if emulate else _real()
+    return found
+
+
+def _emulated():
+    b = binding()
+    if b.bound:
+        return types.SimpleNamespace(**b.ops)
+    from hal_ascend import emulator
+    return types.SimpleNamespace(**{n: emulator.IMPLS[n] for n in NAMES})
+
+
+def _real():
+    import torch
+    import torch_npu
+    found, missing = {}, []
+    for n in NAMES:
+        fn = getattr(torch_npu, n, None)
+        for ns in ("npu", "custom"):             # torch.ops.npu.* / torch.ops.custom.* (the DSA ops)
+            if fn is None:
+                try:
+                    fn = getattr(getattr(torch.ops, ns), n)
+                except (AttributeError, RuntimeError):
+                    fn = None
+        if fn is None:
+            missing.append(n)
+        found[n] = fn
+    if missing:
+        raise RuntimeError(f"torch_npu {getattr(torch_npu, '__version__', '?')} has no {', '.join(missing)} "
+                           "(neither torch_npu.<op> nor torch.ops.npu / torch.ops.custom)")
+    return types.SimpleNamespace(**found)
 
 
 def format_cast_nz(t):
@@ -78,6 +101,6 @@ def format_cast_nz(t):
 
 def reset() -> None:
     """Forget the resolved ops and the emulator's binding (both are looked up again on next use)."""
-    global _functions, _binding
-    _functions = None
+    global _binding
+    _functions.clear()
     _binding = None

@@ -110,15 +110,23 @@ class AscendBackend(Backend):
     name = "ascend"
     priority = 20
 
-    def __init__(self):
+    def __init__(self, emulate: bool | None = None):
         super().__init__(version=distribution_version("hal-ascend"))
-        self.device_type = "cpu" if emulating() else "npu"
-        self.soc = "A3 (emulated)" if emulating() else "unknown"
+        self.emulate = emulating() if emulate is None else bool(emulate)
+        self.device_type = "cpu" if self.emulate else "npu"
+        self.soc = "A3 (emulated)" if self.emulate else "unknown"
+
+    def with_options(self, *, emulate: bool | None = None, **unknown) -> "AscendBackend":
+        """This backend with ``emulate`` set for this instance only (``hal.runtime("ascend",
+        options={"emulate": True})``); ``HAL_ASCEND_EMULATE`` only gives the default."""
+        if unknown:
+            raise TypeError(f"backend 'ascend' takes the option 'emulate', not {', '.join(sorted(unknown))}")
+        return AscendBackend(emulate=emulate)
 
     def probe(self) -> Availability:
         import torch
         versions = {"hal-ascend": self.version, "torch": torch.__version__}
-        if emulating():
+        if self.emulate:
             from hal_ascend.npu import binding
             from hal_ascend.schema import NpuSchemaError
             try:
@@ -164,8 +172,22 @@ class AscendBackend(Backend):
                                                    "moe_forward", "lightning_indexer", "sparse_attention")}
         if combine_path() == "finalize_routing":
             k["moe_combine"] = ops.moe_combine_finalize
+        k = {name: self._in_mode(fn) for name, fn in k.items()}
         k.update({op: KERNELS[op] for op in FP8_OPS})          # the declared emulation (see capability_table)
         return k
+
+    def _in_mode(self, kernel):
+        """``kernel`` running with this instance's seam (real torch_npu or the emulator)."""
+        import functools
+
+        from hal_ascend.npu import mode
+        emulate = self.emulate
+
+        @functools.wraps(kernel)
+        def run(*args, **kwargs):
+            with mode(emulate):
+                return kernel(*args, **kwargs)
+        return run
 
 
 @hal.hookimpl

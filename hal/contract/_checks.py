@@ -45,6 +45,8 @@ def shape(op: str, arg: str, t: torch.Tensor, expected: tuple, names: str = "") 
 
 def same_device(op: str, ref_arg: str, ref: torch.Tensor, **others) -> None:
     for name, t in others.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise ContractError(op, name, "a tensor or None", f"{type(t).__name__}")
         if t is not None and t.device != ref.device:
             raise ContractError(op, name, f"a tensor on {ref.device} (the device of {ref_arg})", f"device {t.device}")
 

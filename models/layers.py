@@ -19,6 +19,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * h.to(x.dtype)
 
 
+def rms_norm_zc(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Zero-centered RMSNorm (Qwen3.5): normalize in fp32, scale by ``1 + weight`` in fp32, cast back
+    (the stored weight is the offset from 1; a checkpoint's zeros are the identity scale)."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return (h * (1.0 + weight.float())).to(x.dtype)
+
+
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, attention_factor: float, dtype: torch.dtype):
     """cos, sin [..., dim] for integer positions [...] (the ``cat(freqs, freqs)`` layout), scaled by
     the RoPE attention factor (1 for default RoPE; YaRN's mscale ratio)."""
@@ -44,20 +52,43 @@ def rope_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Te
 @dataclasses.dataclass
 class Linear:
     """y = x @ W.T (+ b): W in the model dtype, or float8_e4m3fn with 128x128 block scales (then
-    the contract's ``fp8_linear`` runs it)."""
+    the contract's ``fp8_linear`` runs it).
+
+    Tensor parallelism (see :mod:`hal.models.parallel`): a column-parallel slice holds this rank's
+    output rows; a row-parallel one (``tp`` set) holds its input columns, and its partial outputs
+    are summed over the TP group (the bias, whole, added once after the sum). FP8 slices whose
+    boundary falls inside a 128-block keep the covering scale blocks: ``pad_out`` zero rows in front
+    align a column slice to its first block (those outputs are dropped); ``gather = (lo, hi)`` makes a
+    row-parallel slice all-gather its input and read columns [lo, hi) of it (whole blocks, the other
+    ranks' columns zero in W), so the activations quantize in the single-process 1x128 groups."""
 
     weight: torch.Tensor
     bias: Optional[torch.Tensor] = None
     scale: Optional[torch.Tensor] = None
+    tp: Optional[object] = None            # row-parallel: the TPGroup its partial outputs are summed over
+    pad_out: int = 0
+    gather: Optional[tuple] = None
 
     def __call__(self, x: torch.Tensor, rt) -> torch.Tensor:
+        if self.tp is None and not self.pad_out and self.gather is None:
+            return self._apply(x, self.bias, rt)
+        if self.gather is not None:
+            x = self.tp.all_gather_last(x)[..., self.gather[0]:self.gather[1]]
+        y = self._apply(x, None, rt)
+        if self.pad_out:
+            y = y[..., self.pad_out:]
+        if self.tp is not None:
+            y = self.tp.all_reduce(y)
+        return y if self.bias is None else y + self.bias
+
+    def _apply(self, x, bias, rt):
         if self.scale is not None:
-            return rt.fp8_linear(x, self.weight, self.scale, bias=self.bias)
-        return F.linear(x, self.weight, self.bias)
+            return rt.fp8_linear(x, self.weight, self.scale, bias=bias)
+        return F.linear(x, self.weight, bias)
 
     @property
     def out_features(self) -> int:
-        return self.weight.shape[0]
+        return self.weight.shape[0] - self.pad_out
 
 
 @dataclasses.dataclass
@@ -72,10 +103,15 @@ class MLP:
 
 @dataclasses.dataclass
 class MoE:
-    """Routed experts (through ``rt.moe_forward``) plus the shared experts."""
+    """Routed experts (through ``rt.moe_forward``) plus the shared experts.
+
+    scoring "sigmoid" (GLM / DeepSeek: router logits in fp32, correction bias, groups) or "softmax"
+    (Qwen3.5: logits in the model dtype, then fp32 softmax, as transformers computes them).
+    shared_gate [1, H] or None: the shared expert's output is scaled by sigmoid(x @ shared_gate.T)
+    (Qwen3.5), else added as is."""
 
     gate_weight: torch.Tensor              # [E, H] router
-    correction_bias: torch.Tensor          # [E] fp32
+    correction_bias: Optional[torch.Tensor]  # [E] fp32 or None
     w_gate_up: torch.Tensor                # [E, 2I, H]
     w_down: torch.Tensor                   # [E, H, I]
     w_gate_up_scale: Optional[torch.Tensor]
@@ -86,6 +122,25 @@ class MoE:
     topk_group: int
     renormalize: bool
     scaling_factor: float
+    scoring: str = "sigmoid"
+    shared_gate: Optional[torch.Tensor] = None
+    ep_group: Optional[str] = None         # expert parallel: the EP group's name; this rank holds E/W experts
+    num_experts: int = 0                   # E of the whole layer (set with ep_group)
+
+    def keep_local_experts(self, group) -> None:
+        """Expert parallelism over ``group`` (a :class:`hal.distributed.EPGroup`): keep only this
+        rank's E / W experts (the contiguous block ``rank * E/W ...``, copied so the others' memory
+        is freed) and route tokens through ``ep_dispatch`` / ``ep_combine``. E must be a multiple of W."""
+        E, W = self.w_gate_up.shape[0], group.world_size
+        if E % W:
+            raise ValueError(f"expert parallelism: the model's {E} routed experts do not divide over {W} ranks "
+                             f"(choose a world size that divides {E})")
+        mine = slice(group.rank * E // W, (group.rank + 1) * E // W)
+        for name in ("w_gate_up", "w_down", "w_gate_up_scale", "w_down_scale"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t[mine].clone())
+        self.ep_group, self.num_experts = group.name, E
 
     def prepare(self, rt) -> None:
         """Replace the expert weights with the runtime's layout of them (``rt.prepare_weights``:
@@ -98,13 +153,25 @@ class MoE:
     def __call__(self, x, rt):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        logits = F.linear(flat.float(), self.gate_weight.float())
-        y = rt.moe_forward(flat, logits, self.w_gate_up, self.w_down, top_k=self.top_k, scoring="sigmoid",
-                           correction_bias=self.correction_bias, n_group=self.n_group, topk_group=self.topk_group,
-                           renormalize=self.renormalize, scaling_factor=self.scaling_factor,
-                           w_gate_up_scale=self.w_gate_up_scale, w_down_scale=self.w_down_scale).view(shape)
+        if self.scoring == "softmax":
+            logits = F.linear(flat, self.gate_weight).float()
+        else:
+            logits = F.linear(flat.float(), self.gate_weight.float())
+        routing = dict(top_k=self.top_k, scoring=self.scoring, correction_bias=self.correction_bias,
+                       n_group=self.n_group, topk_group=self.topk_group, renormalize=self.renormalize,
+                       scaling_factor=self.scaling_factor, w_gate_up_scale=self.w_gate_up_scale,
+                       w_down_scale=self.w_down_scale)
+        if self.ep_group is not None:
+            from hal.ep_moe import ep_moe_forward
+            y = ep_moe_forward(rt, flat, logits, self.w_gate_up, self.w_down, num_experts=self.num_experts,
+                               group=self.ep_group, **routing).view(shape)
+        else:
+            y = rt.moe_forward(flat, logits, self.w_gate_up, self.w_down, **routing).view(shape)
         if self.shared is not None:
-            y = y + self.shared(x, rt)
+            s = self.shared(x, rt)
+            if self.shared_gate is not None:
+                s = torch.sigmoid(F.linear(x, self.shared_gate)) * s
+            y = y + s
         return y
 
 
@@ -126,6 +193,13 @@ class KVCache:
         idx = pos.view(*pos.shape, *([1] * (new.dim() - 2))).expand_as(new)
         buf.scatter_(1, idx, new)
         return buf
+
+    def state(self, key) -> Optional[torch.Tensor]:
+        """A per-sequence recurrent state [B, ...] stored under ``key`` (None before the first write)."""
+        return self.store.get(key)
+
+    def set_state(self, key, value: torch.Tensor) -> None:
+        self.store[key] = value
 
 
 @dataclasses.dataclass
@@ -190,7 +264,11 @@ class MLAAttention:
     Absorbed form (decode): ``kv_b`` folded into the query and the output, ``sparse_attention`` as
     MQA over the latent (Hk = 1, Dqk = kv_lora + rope, Dv = kv_lora, v a view of k: 576/512 for
     the released models), so a decode step never re-expands the whole cache. Both are the same
-    function of the inputs; they differ in rounding only."""
+    function of the inputs; they differ in rounding only.
+
+    Tensor parallelism: ``n_heads`` are this rank's heads (``q_b`` / ``kv_b`` column slices, ``o`` a
+    row-parallel slice); ``q_a``, ``kv_a``, the latent / rotated-key caches and the indexer are
+    replicated, since every head reads the same latent and the same top-k."""
 
     q_a: Linear
     q_a_norm: torch.Tensor
@@ -215,6 +293,7 @@ class MLAAttention:
         if self.kv_b.scale is not None:    # FP8 kv_b: the absorbed form needs it dequantized (once, here)
             s = blockscale.expand(self.kv_b.scale, w.shape[0], w.shape[1])
             w = (w.float() * s).to(self.q_a_norm.dtype)
+        w = w[self.kv_b.pad_out:]          # a TP slice aligned to its first scale block: drop the padding
         w = w.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
         self.w_uk, self.w_uv = w[:, :self.nope], w[:, self.nope:]
 
@@ -250,7 +329,9 @@ class MLAAttention:
 
 @dataclasses.dataclass
 class GQAAttention:
-    """Grouped-query attention with partial RoPE and optional qk-norm (GLM-4.5), plain torch."""
+    """Grouped-query attention with partial RoPE and optional qk-norm (GLM-4.5), plain torch.
+    Tensor parallelism: ``n_heads`` / ``n_kv`` are this rank's query / KV heads (T divides both, so
+    a rank's query heads read only its own KV heads), ``o`` a row-parallel slice."""
 
     q: Linear
     k: Linear
@@ -275,17 +356,27 @@ class GQAAttention:
         rd = self.rotary_dim
         q = torch.cat([rope_half(q[..., :rd], cos, sin), q[..., rd:]], -1)
         k = torch.cat([rope_half(k[..., :rd], cos, sin), k[..., rd:]], -1)
-        k_all = step.cache.write((layer, "k"), k, step.start).repeat_interleave(self.n_heads // self.n_kv, dim=2)
-        v_all = step.cache.write((layer, "v"), v, step.start).repeat_interleave(self.n_heads // self.n_kv, dim=2)
-        T = k_all.shape[1]
-        scores = torch.einsum("bshd,bthd->bhst", q, k_all) * self.head_dim ** -0.5
-        key_pos = torch.arange(T, device=x.device).view(1, 1, T)
-        q_pos = step.start.view(-1, 1, 1) + torch.arange(S, device=x.device).view(1, S, 1)
-        visible = (key_pos <= q_pos) & (key_pos < step.lengths.view(-1, 1, 1))
-        scores = scores.masked_fill(~visible[:, None], float("-inf"))
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        out = torch.einsum("bhst,bthd->bshd", probs, v_all)
+        out = gqa_attend(q, k, v, step, layer)
         return self.o(out.reshape(B, S, -1), rt), None
+
+
+def gqa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, layer: int) -> torch.Tensor:
+    """Causal GQA over the cache, plain torch: q [B, S, Hq, D] (rotated), k / v [B, S, Hkv, D] the
+    new keys and values, written into the cache at each sequence's positions first. Returns
+    [B, S, Hq, D]; query head h reads KV head h // (Hq / Hkv); keys at or past a sequence's length
+    (right padding) and after the query are masked."""
+    B, S, Hq, D = q.shape
+    rep = Hq // k.shape[2]
+    k_all = step.cache.write((layer, "k"), k, step.start).repeat_interleave(rep, dim=2)
+    v_all = step.cache.write((layer, "v"), v, step.start).repeat_interleave(rep, dim=2)
+    T = k_all.shape[1]
+    scores = torch.einsum("bshd,bthd->bhst", q, k_all) * D ** -0.5
+    key_pos = torch.arange(T, device=q.device).view(1, 1, T)
+    q_pos = step.start.view(-1, 1, 1) + torch.arange(S, device=q.device).view(1, S, 1)
+    visible = (key_pos <= q_pos) & (key_pos < step.lengths.view(-1, 1, 1))
+    scores = scores.masked_fill(~visible[:, None], float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    return torch.einsum("bhst,bthd->bshd", probs, v_all)
 
 
 @dataclasses.dataclass

@@ -18,7 +18,9 @@ import torch
 from hal import blockscale
 from hal.models.config import ModelConfig, ModelConfigError
 from hal.models.layers import (DecoderLayer, GQAAttention, Indexer, Linear, MLAAttention, MLP, MoE)
+from hal.models import kimi_linear, qwen35
 from hal.models.model import CausalLM
+from hal.models.parallel import Sharding
 from hal.models.rope import mla_softmax_scale
 
 FP8 = torch.float8_e4m3fn
@@ -30,6 +32,7 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, FP
 CONFIG_MAX_BYTES = 1 << 20
 INDEX_MAX_BYTES = 64 << 20
 TOKENIZER_MAX_BYTES = 128 << 20
+SHARED_ROWS = "shared-expert intermediate rows (moe_intermediate_size x n_shared_experts)"
 
 
 class CheckpointError(ValueError):
@@ -116,16 +119,44 @@ class ModelFolder:
             raise error(f"{self.path / rel}: not valid JSON ({why})") from exc
 
 
-class TensorSource:
-    """name -> tensor over a set of safetensors files (or an in-memory dict), with shape checks."""
+class _DictEntry:
+    def __init__(self, t: torch.Tensor):
+        self.t = t
 
-    def __init__(self, tensors: dict[str, Callable[[], torch.Tensor]], where: str):
+    def shape(self) -> tuple:
+        return tuple(self.t.shape)
+
+    def read(self, index: Optional[tuple]) -> torch.Tensor:
+        return self.t if index is None else self.t[index]
+
+
+class _SafetensorsEntry:
+    """One tensor of an open safetensors file: its shape from the header, whole or sliced reads
+    (``get_slice``: only the requested bytes are read)."""
+
+    def __init__(self, handle, name: str):
+        self.handle, self.name = handle, name
+
+    def shape(self) -> tuple:
+        return tuple(self.handle.get_slice(self.name).get_shape())
+
+    def read(self, index: Optional[tuple]) -> torch.Tensor:
+        if index is None:
+            return self.handle.get_tensor(self.name)
+        return self.handle.get_slice(self.name)[index]
+
+
+class TensorSource:
+    """name -> tensor over a set of safetensors files (or an in-memory dict), with shape checks;
+    a tensor can be read whole or as a slice (tensor-/expert-parallel ranks read only their own)."""
+
+    def __init__(self, tensors: dict, where: str):
         self._tensors, self.where = tensors, where
         self.used: set[str] = set()
 
     @classmethod
     def from_dict(cls, d: dict[str, torch.Tensor], where: str = "memory") -> "TensorSource":
-        return cls({k: (lambda v=v: v) for k, v in d.items()}, where)
+        return cls({k: _DictEntry(v) for k, v in d.items()}, where)
 
     @classmethod
     def from_directory(cls, path) -> "TensorSource":
@@ -163,7 +194,7 @@ class TensorSource:
             except Exception as exc:  # noqa: BLE001
                 raise CheckpointError(f"{f}: not a readable safetensors file ({exc})") from exc
             for name in handle.keys():
-                tensors[name] = (lambda h=handle, n=name: h.get_tensor(n))
+                tensors[name] = _SafetensorsEntry(handle, name)
         if weight_map:
             missing = [n for n in weight_map if n not in tensors]
             if missing:
@@ -176,67 +207,131 @@ class TensorSource:
     def has(self, name: str) -> bool:
         return name in self._tensors
 
-    def get(self, name: str, shape: Optional[tuple] = None) -> torch.Tensor:
+    def shape(self, name: str, shape: Optional[tuple] = None) -> tuple:
+        """The stored shape of ``name`` (read from the header, no data), checked against ``shape``."""
         if name not in self._tensors:
             raise CheckpointError(f"{self.where}: missing tensor {name}")
         try:
-            t = self._tensors[name]()
+            got = self._tensors[name].shape()
+        except Exception as exc:  # noqa: BLE001 - a corrupt header surfaces here
+            raise CheckpointError(f"{self.where}: tensor {name} cannot be read ({exc})") from exc
+        if shape is not None and tuple(got) != tuple(shape):
+            raise CheckpointError(f"{self.where}: tensor {name} has shape {tuple(got)}, expected {tuple(shape)}")
+        return got
+
+    def skip(self, name: str, shape: Optional[tuple] = None) -> None:
+        """Account for a tensor another rank reads (another rank's experts): present and of the
+        right shape, checked from the header only; never read here."""
+        self.shape(name, shape)
+        self.used.add(name)
+
+    def get(self, name: str, shape: Optional[tuple] = None, index: Optional[tuple] = None) -> torch.Tensor:
+        """Tensor ``name`` (its stored ``shape`` checked first), or only ``t[index]`` of it (a tuple
+        of slices: only those bytes are read from a safetensors file)."""
+        self.shape(name, shape)
+        try:
+            t = self._tensors[name].read(index)
         except Exception as exc:  # noqa: BLE001 - a truncated or corrupt shard surfaces here
             raise CheckpointError(f"{self.where}: tensor {name} cannot be read ({exc})") from exc
         if t.dtype not in WEIGHT_DTYPES:
             raise CheckpointError(f"{self.where}: tensor {name} has dtype {str(t.dtype).replace('torch.', '')}; "
                                   "weights must be float32, bfloat16, float16, float64 or float8_e4m3fn "
                                   "(with its weight_scale_inv)")
-        if shape is not None and tuple(t.shape) != tuple(shape):
-            raise CheckpointError(f"{self.where}: tensor {name} has shape {tuple(t.shape)}, expected {tuple(shape)}")
         self.used.add(name)
         return t
 
 
-class _Builder:
-    def __init__(self, cfg: ModelConfig, src: TensorSource, rt, dtype, device, quantize):
-        self.cfg, self.src, self.rt, self.dtype, self.device, self.quantize = cfg, src, rt, dtype, device, quantize
+def _blocks(start: int, stop: int) -> slice:
+    """The 128-blocks covering elements [start, stop)."""
+    return slice(start // 128, -(-stop // 128))
 
-    def t(self, name, shape=None, dtype=None):
+
+class _Builder:
+    def __init__(self, cfg: ModelConfig, src: TensorSource, rt, dtype, device, quantize, sharding: Sharding):
+        self.cfg, self.src, self.rt, self.dtype, self.device, self.quantize = cfg, src, rt, dtype, device, quantize
+        self.sh = sharding
+
+    def t(self, name, shape=None, dtype=None, index=None):
         """A non-linear tensor (norm, router, embedding, fused experts) in ``dtype`` (default: the
-        model dtype); a float8_e4m3fn one is dequantized with its ``weight_scale_inv``."""
-        x = self.src.get(name, shape)
+        model dtype); a float8_e4m3fn one is dequantized with its ``weight_scale_inv``. ``index``:
+        read only that slice of it."""
+        x = self.src.get(name, shape, index)
         if x.dtype == FP8:
-            if x.dim() != 2 or not name.endswith(".weight"):
+            if x.dim() != 2 or not name.endswith(".weight") or index is not None:
                 raise CheckpointError(f"{self.src.where}: tensor {name} is float8_e4m3fn but is not a 2-D weight "
                                       "with a weight_scale_inv")
             x = self._dequant(Linear(x, None, self.src.get(f"{name}_scale_inv",
                                                            (-(-x.shape[0] // 128), -(-x.shape[1] // 128))).float()))
         return x.to(device=self.device, dtype=dtype or self.dtype)
 
-    def linear(self, prefix, out_f, in_f, bias=False, quantizable=True) -> Linear:
-        w = self.src.get(f"{prefix}.weight", (out_f, in_f))
-        b = self.t(f"{prefix}.bias", (out_f,)) if bias else None
+    def linear(self, prefix, out_f, in_f, bias=False, quantizable=True, col=None, row=None) -> Linear:
+        """The linear ``prefix`` ([out_f, in_f]), whole, or this rank's slice of it: ``col =
+        (start, stop)`` output rows (column-parallel), ``row = (start, stop)`` input columns
+        (row-parallel: partial outputs summed over the TP group). Only the slice and, when FP8, the
+        scale blocks covering it are read."""
+        name = f"{prefix}.weight"
+        sliced = (col is not None and col != (0, out_f)) or (row is not None and row != (0, in_f))
+        index = None if not sliced else (slice(*col),) if col is not None else (slice(None), slice(*row))
+        w = self.src.get(name, (out_f, in_f), index)
+        tp = self.sh.tp if row is not None and sliced else None
+        if not bias:
+            b = None
+        elif col is not None and sliced:
+            b = self.t(f"{prefix}.bias", (out_f,), index=(slice(*col),))
+        else:
+            b = self.t(f"{prefix}.bias", (out_f,))
         if w.dtype == FP8:
-            s = self.src.get(f"{prefix}.weight_scale_inv", (-(-out_f // 128), -(-in_f // 128)))
-            return Linear(w.to(self.device), b, s.to(self.device, torch.float32))
+            sshape = (-(-out_f // 128), -(-in_f // 128))
+            sname = f"{prefix}.weight_scale_inv"
+            if not sliced:
+                s = self.src.get(sname, sshape)
+                return Linear(w.to(self.device), b, s.to(self.device, torch.float32))
+            if col is not None:                       # rows [a, b): covering row blocks, zero rows in front
+                a, e = col
+                s = self.src.get(sname, sshape, (_blocks(a, e),))
+                w = torch.cat([w.new_zeros(a % 128, in_f), w]) if a % 128 else w
+                return Linear(w.to(self.device), b, s.to(self.device, torch.float32), pad_out=a % 128)
+            a, e = row                                # columns [a, b): covering column blocks
+            s = self.src.get(sname, sshape, (slice(None), _blocks(a, e)))
+            if a % 128 == 0 and (e % 128 == 0 or e == in_f):
+                return Linear(w.to(self.device), b, s.to(self.device, torch.float32), tp=tp)
+            lo, hi = a - a % 128, min(-(-e // 128) * 128, in_f)
+            full = w.new_zeros(out_f, hi - lo)
+            full[:, a - lo:e - lo] = w
+            return Linear(full.to(self.device), b, s.to(self.device, torch.float32), tp=tp, gather=(lo, hi))
         w = w.to(self.device, self.dtype)
         if self.quantize == "fp8" and quantizable:
-            q, s = self.rt.fp8_quantize_weight(w)
-            return Linear(q, b, s)
-        return Linear(w, b)
+            q, s = self.rt.fp8_quantize_weight(w)       # a slice quantizes in its own 128-block grid
+            return Linear(q, b, s, tp=tp)
+        return Linear(w, b, tp=tp)
 
-    def mlp(self, prefix, inter) -> MLP:
+    def mlp(self, prefix, inter, what="intermediate_size") -> MLP:
+        """A gated MLP, its ``inter`` intermediate rows split over the TP group."""
         H = self.cfg.hidden_size
-        return MLP(self.linear(f"{prefix}.gate_proj", inter, H), self.linear(f"{prefix}.up_proj", inter, H),
-                   self.linear(f"{prefix}.down_proj", H, inter))
+        part = self.sh.part(inter, what)
+        return MLP(self.linear(f"{prefix}.gate_proj", inter, H, col=part),
+                   self.linear(f"{prefix}.up_proj", inter, H, col=part),
+                   self.linear(f"{prefix}.down_proj", H, inter, row=part))
 
     def experts(self, prefix):
-        """Stacked expert weights: [E, 2I, H] and [E, H, I] (+ block scales when FP8)."""
+        """This rank's stacked expert weights: [E', 2I, H] and [E', H, I] (+ block scales when FP8),
+        E' = the experts [e0, e1) of :meth:`Sharding.experts`; the others' are never read."""
         H, I, E = self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.cfg.n_routed_experts
+        e0, e1 = self.sh.experts(E)
         if self.src.has(f"{prefix}.gate_up_proj"):                       # transformers' fused layout
-            gu = self.t(f"{prefix}.gate_up_proj", (E, 2 * I, H))
-            dn = self.t(f"{prefix}.down_proj", (E, H, I))
+            mine = None if (e0, e1) == (0, E) else (slice(e0, e1),)
+            gu = self.t(f"{prefix}.gate_up_proj", (E, 2 * I, H), index=mine)
+            dn = self.t(f"{prefix}.down_proj", (E, H, I), index=mine)
             gus = dns = None
         else:
-            gate = [self.linear(f"{prefix}.{e}.gate_proj", I, H, quantizable=False) for e in range(E)]
-            up = [self.linear(f"{prefix}.{e}.up_proj", I, H, quantizable=False) for e in range(E)]
-            down = [self.linear(f"{prefix}.{e}.down_proj", H, I, quantizable=False) for e in range(E)]
+            for e in [*range(e0), *range(e1, E)]:
+                for proj, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))):
+                    self.src.skip(f"{prefix}.{e}.{proj}.weight", shape)
+                    if self.src.has(f"{prefix}.{e}.{proj}.weight_scale_inv"):
+                        self.src.skip(f"{prefix}.{e}.{proj}.weight_scale_inv")
+            gate = [self.linear(f"{prefix}.{e}.gate_proj", I, H, quantizable=False) for e in range(e0, e1)]
+            up = [self.linear(f"{prefix}.{e}.up_proj", I, H, quantizable=False) for e in range(e0, e1)]
+            down = [self.linear(f"{prefix}.{e}.down_proj", H, I, quantizable=False) for e in range(e0, e1)]
             if gate[0].scale is not None:
                 if I % 128:
                     # gate and up blocks would straddle one 128-row block once stacked: requantize
@@ -264,16 +359,19 @@ class _Builder:
     def moe(self, prefix) -> MoE:
         c = self.cfg
         gu, dn, gus, dns = self.experts(f"{prefix}.experts")
-        shared = self.mlp(f"{prefix}.shared_experts", c.moe_intermediate_size * c.n_shared_experts) \
-            if c.n_shared_experts else None
+        shared = self.mlp(f"{prefix}.shared_experts", c.moe_intermediate_size * c.n_shared_experts,
+                          SHARED_ROWS) if c.n_shared_experts else None
         return MoE(self.t(f"{prefix}.gate.weight", (c.n_routed_experts, c.hidden_size)),
                    self.t(f"{prefix}.gate.e_score_correction_bias", (c.n_routed_experts,), torch.float32),
                    gu, dn, gus, dns, shared, c.num_experts_per_tok, c.n_group, c.topk_group, c.norm_topk_prob,
                    c.routed_scaling_factor)
 
     def mla(self, i, prefix) -> MLAAttention:
+        """MLA + DSA; under TP this rank's heads of ``q_b`` / ``kv_b`` / ``o``, the rest replicated."""
         c, H = self.cfg, self.cfg.hidden_size
         qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+        kvd = c.qk_nope_head_dim + c.v_head_dim
+        h0, h1 = self.sh.part(c.num_attention_heads, "attention heads (num_attention_heads)")
         indexer = None
         if c.indexer_types[i] == "full":
             p = f"{prefix}.indexer"
@@ -287,51 +385,90 @@ class _Builder:
         return MLAAttention(
             self.linear(f"{prefix}.q_a_proj", c.q_lora_rank, H, bias=c.attention_bias),
             self.t(f"{prefix}.q_a_layernorm.weight", (c.q_lora_rank,)),
-            self.linear(f"{prefix}.q_b_proj", c.num_attention_heads * qk, c.q_lora_rank),
+            self.linear(f"{prefix}.q_b_proj", c.num_attention_heads * qk, c.q_lora_rank, col=(h0 * qk, h1 * qk)),
             self.linear(f"{prefix}.kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, H, bias=c.attention_bias),
             self.t(f"{prefix}.kv_a_layernorm.weight", (c.kv_lora_rank,)),
-            self.linear(f"{prefix}.kv_b_proj", c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank),
-            self.linear(f"{prefix}.o_proj", H, c.num_attention_heads * c.v_head_dim, bias=c.attention_bias),
-            indexer, c.num_attention_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank,
+            self.linear(f"{prefix}.kv_b_proj", c.num_attention_heads * kvd, c.kv_lora_rank, col=(h0 * kvd, h1 * kvd)),
+            self.linear(f"{prefix}.o_proj", H, c.num_attention_heads * c.v_head_dim, bias=c.attention_bias,
+                        row=(h0 * c.v_head_dim, h1 * c.v_head_dim)),
+            indexer, h1 - h0, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank,
             1e-6, mla_softmax_scale(c.rope_parameters, qk))
 
     def gqa(self, prefix) -> GQAAttention:
+        """GQA; under TP this rank's query and KV heads, ``o`` row-parallel."""
         c, H, D = self.cfg, self.cfg.hidden_size, self.cfg.head_dim
+        h0, h1 = self.sh.part(c.num_attention_heads, "attention heads (num_attention_heads)")
+        k0, k1 = self.sh.part(c.num_key_value_heads, "KV heads (num_key_value_heads)")
         qn = self.t(f"{prefix}.q_norm.weight", (D,)) if c.use_qk_norm else None
         kn = self.t(f"{prefix}.k_norm.weight", (D,)) if c.use_qk_norm else None
-        return GQAAttention(self.linear(f"{prefix}.q_proj", c.num_attention_heads * D, H, bias=c.attention_bias),
-                            self.linear(f"{prefix}.k_proj", c.num_key_value_heads * D, H, bias=c.attention_bias),
-                            self.linear(f"{prefix}.v_proj", c.num_key_value_heads * D, H, bias=c.attention_bias),
-                            self.linear(f"{prefix}.o_proj", H, c.num_attention_heads * D),
-                            qn, kn, c.num_attention_heads, c.num_key_value_heads, D,
-                            int(D * c.partial_rotary_factor), c.rms_norm_eps)
+        return GQAAttention(self.linear(f"{prefix}.q_proj", c.num_attention_heads * D, H, bias=c.attention_bias,
+                                        col=(h0 * D, h1 * D)),
+                            self.linear(f"{prefix}.k_proj", c.num_key_value_heads * D, H, bias=c.attention_bias,
+                                        col=(k0 * D, k1 * D)),
+                            self.linear(f"{prefix}.v_proj", c.num_key_value_heads * D, H, bias=c.attention_bias,
+                                        col=(k0 * D, k1 * D)),
+                            self.linear(f"{prefix}.o_proj", H, c.num_attention_heads * D, row=(h0 * D, h1 * D)),
+                            qn, kn, h1 - h0, k1 - k0, D, int(D * c.partial_rotary_factor), c.rms_norm_eps)
+
+    def check_sharding(self) -> None:
+        """Every size the TP group and the EP group split, checked before any tensor is read."""
+        c, sh = self.cfg, self.sh
+        if sh.tp.size > 1 and c.is_qwen35:
+            raise ValueError(f"tensor parallelism: {c.model_type} (Qwen3.5) runs with a TP size of 1 only, got "
+                             f"{sh.tp.size} (its routed experts can still be expert parallel)")
+        if sh.tp.size > 1:
+            sh.part(c.num_attention_heads, "attention heads (num_attention_heads)")
+            if not c.is_mla:
+                sh.part(c.num_key_value_heads, "KV heads (num_key_value_heads)")
+            if "dense" in c.mlp_layer_types:
+                sh.part(c.intermediate_size, "intermediate_size")
+            if c.n_shared_experts and "sparse" in c.mlp_layer_types:
+                sh.part(c.moe_intermediate_size * c.n_shared_experts, SHARED_ROWS)
+        if "sparse" in c.mlp_layer_types or c.is_qwen35:
+            sh.experts(c.n_routed_experts)
 
     def build(self, progress=None) -> CausalLM:
         c = self.cfg
+        self.check_sharding()
         layers = []
+        top = qwen35.text_prefix(self.src) if c.is_qwen35 else "model"
         for i in range(c.num_hidden_layers):
-            p = f"model.layers.{i}"
-            attn = self.mla(i, f"{p}.self_attn") if c.is_mla else self.gqa(f"{p}.self_attn")
-            mlp = self.moe(f"{p}.mlp") if c.mlp_layer_types[i] == "sparse" else self.mlp(f"{p}.mlp", c.intermediate_size)
-            layers.append(DecoderLayer(attn, mlp, self.t(f"{p}.input_layernorm.weight", (c.hidden_size,)),
-                                       self.t(f"{p}.post_attention_layernorm.weight", (c.hidden_size,)), c.rms_norm_eps))
+            p = f"{top}.layers.{i}"
+            if c.is_qwen35:
+                layers.append(qwen35.build_layer(self, i, p))
+            elif c.is_kimi_linear:
+                layers.append(kimi_linear.build_layer(self, i, p))
+            else:
+                attn = self.mla(i, f"{p}.self_attn") if c.is_mla else self.gqa(f"{p}.self_attn")
+                mlp = self.moe(f"{p}.mlp") if c.mlp_layer_types[i] == "sparse" else \
+                    self.mlp(f"{p}.mlp", c.intermediate_size)
+                layers.append(DecoderLayer(attn, mlp, self.t(f"{p}.input_layernorm.weight", (c.hidden_size,)),
+                                           self.t(f"{p}.post_attention_layernorm.weight", (c.hidden_size,)),
+                                           c.rms_norm_eps))
+            mlp = getattr(layers[-1], "mlp", None)
+            if isinstance(mlp, MoE) and self.sh.ep is not None:       # experts() read only this rank's
+                mlp.ep_group, mlp.num_experts = self.sh.ep.name, c.n_routed_experts
             if progress:
                 progress(i)
-        embed = self.t("model.embed_tokens.weight", (c.vocab_size, c.hidden_size))
+        embed = self.t(f"{top}.embed_tokens.weight", (c.vocab_size, c.hidden_size))
         head = embed if c.tie_word_embeddings and not self.src.has("lm_head.weight") else \
             self.t("lm_head.weight", (c.vocab_size, c.hidden_size))
-        model = CausalLM(c, self.rt, embed, layers, self.t("model.norm.weight", (c.hidden_size,)), head, self.dtype,
+        model = CausalLM(c, self.rt, embed, layers, self.t(f"{top}.norm.weight", (c.hidden_size,)), head, self.dtype,
                          self.device)
-        model.unused_tensors = self.unused()
+        model.unused_tensors = self.unused(top)
+        model.sharding = self.sh
         return model
 
-    def unused(self) -> list[str]:
+    def unused(self, top: str = "model") -> list[str]:
         """Checkpoint tensors the model did not take. Layers past num_hidden_layers (the
-        multi-token-prediction layers of DeepSeek-V3.2 / GLM checkpoints) are expected; anything
-        else is reported with a warning, since it may mean the config does not fit the weights."""
+        multi-token-prediction layers of DeepSeek-V3.2 / GLM checkpoints) are expected, and so are
+        Qwen3.5's vision tower and ``mtp.*`` module; anything else is reported with a warning,
+        since it may mean the config does not fit the weights."""
         unused = sorted(set(self.src.names()) - self.src.used)
-        odd = [n for n in unused if not _is_extra_layer(n, self.cfg.num_hidden_layers)
-               and not n.endswith("rotary_emb.inv_freq")]
+        L = self.cfg.num_hidden_layers
+        expected = (lambda n: qwen35.expected_unused(n, top, L)) if self.cfg.is_qwen35 else \
+            (lambda n: _is_extra_layer(n, L))
+        odd = [n for n in unused if not expected(n) and not n.endswith("rotary_emb.inv_freq")]
         if odd:
             import warnings
             warnings.warn(f"{self.src.where}: {len(odd)} checkpoint tensors are not used by the model, e.g. "
@@ -345,12 +482,14 @@ def _is_extra_layer(name: str, num_layers: int) -> bool:
 
 
 def build_model(cfg: ModelConfig, src: TensorSource, rt, *, dtype=torch.float32, quantize=None,
-                show_progress: bool = False) -> CausalLM:
-    """Assemble a CausalLM from tensors; the device is the runtime backend's device type."""
+                show_progress: bool = False, sharding: Optional[Sharding] = None) -> CausalLM:
+    """Assemble a CausalLM from tensors; the device is the runtime backend's device type.
+    ``sharding`` (:class:`hal.models.parallel.Sharding`): read and keep only this rank's TP slices
+    and EP experts (default: the whole model)."""
     if quantize not in (None, "fp8"):
         raise ValueError(f"quantize: expected None or 'fp8', got {quantize!r}")
     device = torch.device(rt.device_type)
-    b = _Builder(cfg, src, rt, dtype, device, quantize)
+    b = _Builder(cfg, src, rt, dtype, device, quantize, sharding or Sharding())
     bar = None
     if show_progress:
         from tqdm import tqdm
@@ -362,11 +501,13 @@ def build_model(cfg: ModelConfig, src: TensorSource, rt, *, dtype=torch.float32,
             bar.close()
 
 
-def load_directory(path, rt, *, dtype=torch.float32, quantize=None, show_progress=False) -> CausalLM:
+def load_directory(path, rt, *, dtype=torch.float32, quantize=None, show_progress=False,
+                   sharding: Optional[Sharding] = None) -> CausalLM:
     """Load a Hugging Face model directory (config.json + safetensors, optional tokenizer.json).
 
     Files are read only from inside the folder, regular files only, JSON files under a size cap
-    (:class:`ModelFolder`). Raises ModelConfigError (config.json) or CheckpointError (index,
+    (:class:`ModelFolder`); with ``sharding`` only this rank's slices are read. Raises
+    ModelConfigError (config.json) or CheckpointError (index,
     shards, tensors, tokenizer.json), each naming the file, entry or tensor."""
     path = Path(path)
     if not path.is_dir():
@@ -392,7 +533,7 @@ def load_directory(path, rt, *, dtype=torch.float32, quantize=None, show_progres
         from hal.models.tokenizer_builtin import tokenizer_from_json
         tokenizer = tokenizer_from_json(tok_text, str(path / "tokenizer.json"), error=CheckpointError)
     model = build_model(cfg, TensorSource.from_directory(folder), rt, dtype=dtype, quantize=quantize,
-                        show_progress=show_progress)
+                        show_progress=show_progress, sharding=sharding)
     model.source = str(path)
     model.tokenizer = tokenizer
     return model

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from hal.models.config import ModelConfig
-from hal.models.layers import KVCache, Step, rms_norm, rope_cos_sin
+from hal.models.layers import KVCache, Step, rms_norm, rms_norm_zc, rope_cos_sin
 from hal.models.rope import inv_freq_and_scaling
 
 
@@ -29,6 +29,7 @@ class CausalLM:
     source: str = ""
     unused_tensors: list = dataclasses.field(default_factory=list)   # checkpoint tensors not taken (MTP layers)
     mla_form: str = "auto"         # MLA: "auto" (expanded prefill, absorbed decode), "absorbed", "expanded"
+    sharding: object = None        # hal.models.parallel.Sharding: the TP group and EP group it was loaded for
 
     def __post_init__(self):
         from hal.models.layers import MoE
@@ -37,12 +38,25 @@ class CausalLM:
             if isinstance(mlp, MoE):
                 mlp.prepare(self.rt)
 
+    def shard_experts(self, group) -> None:
+        """Expert parallelism: every MoE layer keeps only this rank's experts of ``group`` (a
+        :class:`hal.distributed.EPGroup`) and exchanges tokens with the other ranks. Attention, dense
+        layers and shared experts stay replicated: every rank runs the whole batch."""
+        from hal.models.layers import MoE
+        for layer in self.layers:
+            mlp = getattr(layer, "mlp", None)
+            if isinstance(mlp, MoE):
+                mlp.keep_local_experts(group)
+
     @property
     def rope_dim(self) -> int:
         c = self.config
         return c.qk_rope_head_dim if c.is_mla else int(c.head_dim * c.partial_rotary_factor)
 
     def new_cache(self, batch: int, capacity: int) -> KVCache:
+        """Empty caches for ``batch`` sequences of up to ``capacity`` positions: attention keys and
+        values [B, capacity, ...]; a linear-attention layer keeps its conv window and recurrent
+        state per sequence ([B, ...], independent of ``capacity``)."""
         return KVCache(batch, capacity)
 
     def _absorb(self, S: int) -> bool:
@@ -67,4 +81,5 @@ class CausalLM:
         indices = None
         for i, layer in enumerate(self.layers):
             x, indices = layer(x, step, i, indices, self.rt)
-        return F.linear(rms_norm(x, self.norm, self.config.rms_norm_eps), self.lm_head).float()
+        norm = rms_norm_zc if self.config.is_qwen35 else rms_norm
+        return F.linear(norm(x, self.norm, self.config.rms_norm_eps), self.lm_head).float()

@@ -58,6 +58,8 @@ B8, B8S = ops.fp8_quantize_weight(r(16, 200))
 GU8, GU8S = _w8(4, 6, 8)
 D8, D8S = _w8(4, 8, 3)
 IDX = torch.tensor([[[0, 1, -1]]], dtype=I32)
+EP_IDS = torch.tensor([[0], [1]], dtype=I32)                       # 2 tokens, top-1, 2 experts
+EP_SRC = torch.tensor([[0, 0, 0], [0, 1, 0], [0, 1, 1]], dtype=I32)   # 3 rows back to (rank 0, t, j) of [2, 2]
 LI = (r(1, 2, 2, 8), r(1, 4, 8), torch.rand(1, 2, 2))                    # q, k, weights for the indexer
 Q8, K8 = r(1, 2, 2, 8).to(F8), r(1, 4, 8).to(F8)
 SA = (r(1, 1, 4, 8), r(1, 3, 2, 8), r(1, 3, 2, 8))                        # q, k, v for sparse attention
@@ -325,6 +327,42 @@ CASES = [
     ("causal_conv1d", "value", "state_indices", lambda: ops.causal_conv1d(r(2, 5, 8), r(8, 4), conv_state=r(3, 3, 8),
                                                                            state_indices=torch.tensor([0, 3]))),
     ("causal_conv1d", "value", "seq_lens", lambda: ops.causal_conv1d(r(2, 5, 8), r(8, 4), seq_lens=torch.tensor([-1, 5]))),
+    # ---- ep_dispatch (x [T, H], topk_ids [T, k]) and ep_combine (expert_out [R, H], recv_source [R, 3], weights [T, k])
+    ("ep_dispatch", "rank", "x", lambda: ops.ep_dispatch(r(2, 8, 1), EP_IDS, num_experts=2)),
+    ("ep_dispatch", "rank", "topk_ids", lambda: ops.ep_dispatch(r(2, 8), EP_IDS[:, 0], num_experts=2)),
+    ("ep_dispatch", "shape", "topk_ids", lambda: ops.ep_dispatch(r(2, 8), torch.zeros(3, 1, dtype=I32), num_experts=2)),
+    ("ep_dispatch", "shape", "x_scale", lambda: ops.ep_dispatch(r(2, 200).to(F8), EP_IDS, num_experts=2,
+                                                                x_scale=torch.ones(2, 1))),
+    ("ep_dispatch", "shape", "expert_map", lambda: ops.ep_dispatch(r(2, 8), EP_IDS, num_experts=2,
+                                                                   expert_map=torch.zeros(3, dtype=I32))),
+    ("ep_dispatch", "dtype", "x", lambda: ops.ep_dispatch(r(2, 8).double(), EP_IDS, num_experts=2)),
+    ("ep_dispatch", "dtype", "topk_ids", lambda: ops.ep_dispatch(r(2, 8), EP_IDS.float(), num_experts=2)),
+    ("ep_dispatch", "dtype", "x_scale", lambda: ops.ep_dispatch(r(2, 8).to(F8), EP_IDS, num_experts=2,
+                                                                x_scale=torch.ones(2, 1).half())),
+    ("ep_dispatch", "device", "topk_ids", lambda: ops.ep_dispatch(r(2, 8), _meta(2, 1, dtype=I32), num_experts=2)),
+    ("ep_dispatch", "value", "topk_ids", lambda: ops.ep_dispatch(r(2, 8), EP_IDS + 2, num_experts=2)),
+    ("ep_dispatch", "value", "num_experts", lambda: ops.ep_dispatch(r(2, 8), EP_IDS, num_experts=0)),
+    ("ep_dispatch", "value", "group", lambda: ops.ep_dispatch(r(2, 8), EP_IDS, num_experts=2, group="no-such-group")),
+    ("ep_dispatch", "value", "x_scale", lambda: ops.ep_dispatch(r(2, 8).to(F8), EP_IDS, num_experts=2)),   # missing
+    ("ep_dispatch", "value", "x_scale", lambda: ops.ep_dispatch(r(2, 8), EP_IDS, num_experts=2,
+                                                                x_scale=torch.ones(2, 1))),   # x is not e4m3
+    ("ep_dispatch", "value", "expert_map", lambda: ops.ep_dispatch(r(2, 8), EP_IDS, num_experts=2,
+                                                                   expert_map=torch.tensor([0, 1]))),   # no rank 1
+    ("ep_combine", "rank", "expert_out", lambda: ops.ep_combine(r(3, 8, 1), EP_SRC, r(2, 2).abs())),
+    ("ep_combine", "rank", "topk_weights", lambda: ops.ep_combine(r(3, 8), EP_SRC, r(4))),
+    ("ep_combine", "shape", "recv_source", lambda: ops.ep_combine(r(3, 8), EP_SRC[:, :2], r(2, 2).abs())),
+    ("ep_combine", "shape", "recv_source", lambda: ops.ep_combine(r(4, 8), EP_SRC, r(2, 2).abs())),   # R
+    ("ep_combine", "dtype", "expert_out", lambda: ops.ep_combine(r(3, 8).to(F8), EP_SRC, r(2, 2).abs())),
+    ("ep_combine", "dtype", "recv_source", lambda: ops.ep_combine(r(3, 8), EP_SRC.float(), r(2, 2).abs())),
+    ("ep_combine", "dtype", "topk_weights", lambda: ops.ep_combine(r(3, 8), EP_SRC, r(2, 2).half())),
+    ("ep_combine", "device", "recv_source", lambda: ops.ep_combine(r(3, 8), EP_SRC.to("meta"), r(2, 2).abs())),
+    ("ep_combine", "value", "recv_source[:, 0]", lambda: ops.ep_combine(r(3, 8), EP_SRC + torch.tensor([1, 0, 0]),
+                                                                        r(2, 2).abs())),   # rank 1 in a group of 1
+    ("ep_combine", "value", "recv_source[:, 1:]", lambda: ops.ep_combine(r(3, 8), EP_SRC - torch.tensor([0, 1, 0]),
+                                                                         r(2, 2).abs())),   # token -1
+    ("ep_combine", "value", "recv_source", lambda: ops.ep_combine(r(3, 8), EP_SRC * torch.tensor([1, 3, 1]),
+                                                                  r(2, 2).abs())),   # token 3 of T = 2: after the exchange
+    ("ep_combine", "value", "group", lambda: ops.ep_combine(r(3, 8), EP_SRC, r(2, 2).abs(), group="no-such-group")),
 ]
 
 

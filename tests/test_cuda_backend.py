@@ -155,7 +155,9 @@ def test_capability_table_declares_fp8_only_from_sm89():
     assert fp8_unavailable_reason(None) is None                              # the interpreter
     for cc in ((9, 0), (8, 9), (10, 0)):
         caps = capability_table(cc)
-        assert {c.path for c in caps.values()} == {"native"} and all(c.supports is None for c in caps.values())
+        assert {c.path for c in caps.values()} == {"native"}
+        # per-call rules from sm_89 on: only gated_delta_rule's register limit (Dk > 256)
+        assert {op for op, c in caps.items() if c.supports is not None} == {"gated_delta_rule"}
     bf16, fp8 = torch.zeros(2, 2, dtype=torch.bfloat16), torch.zeros(2, 2, dtype=torch.float8_e4m3fn)
     for cc in ((8, 0), (8, 6), (8, 7)):
         caps = capability_table(cc)

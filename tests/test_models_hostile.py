@@ -386,14 +386,23 @@ REAL_CONFIGS = {   # the released models' sizes (config.json of each): the limit
                       "num_experts_per_tok": 8, "n_group": 1, "topk_group": 1, "q_lora_rank": 1536,
                       "kv_lora_rank": 512, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128,
                       "max_position_embeddings": 131072},
+    "Qwen3.5-397B-A17B-sized": {"model_type": "qwen3_5_moe", "tie_word_embeddings": False, "text_config": {
+        "vocab_size": 248320, "hidden_size": 4096, "num_hidden_layers": 60, "num_attention_heads": 32,
+        "num_key_value_heads": 2, "head_dim": 256, "linear_num_key_heads": 16, "linear_num_value_heads": 64,
+        "linear_key_head_dim": 128, "linear_value_head_dim": 128, "linear_conv_kernel_dim": 4, "num_experts": 512,
+        "num_experts_per_tok": 10, "moe_intermediate_size": 1024, "shared_expert_intermediate_size": 1024,
+        "full_attention_interval": 4, "max_position_embeddings": 262144,
+        "rope_parameters": {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                            "mrope_section": [11, 11, 10], "mrope_interleaved": True}}},
 }
 
 
 @pytest.mark.parametrize("name", list(REAL_CONFIGS))
 def test_the_limits_admit_the_released_model_sizes(name):
     c = M.ModelConfig.from_dict(REAL_CONFIGS[name])
-    assert c.num_hidden_layers == REAL_CONFIGS[name]["num_hidden_layers"]
-    assert c.vocab_size == REAL_CONFIGS[name]["vocab_size"]
+    fields = REAL_CONFIGS[name].get("text_config", REAL_CONFIGS[name])
+    assert c.num_hidden_layers == fields["num_hidden_layers"]
+    assert c.vocab_size == fields["vocab_size"]
 
 
 def test_the_kv_cache_is_sized_by_the_prompts_not_max_position_embeddings():

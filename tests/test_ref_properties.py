@@ -80,6 +80,9 @@ def _cases(g):
         ("causal_conv1d", (xc, wc), {"bias": torch.randn(8, generator=g), "conv_state": torch.randn(3, 3, 8, generator=g),
                                      "state_indices": torch.tensor([1, 2]), "seq_lens": torch.tensor([5, 2])},
          dict(activation="silu")),
+        ("ep_dispatch", (x, ids.to(torch.int32)), {"expert_map": torch.zeros(8, dtype=torch.int32)}, dict(num_experts=8)),
+        ("ep_combine", (torch.randn(5, 40, generator=g), torch.tensor([[0, 0, 1], [0, 3, 0], [0, 6, 2], [0, 0, 0], [0, 2, 2]]),
+                        torch.rand(7, 3, generator=g)), {}, {}),
         # one row / one query: BLAS takes its GEMV paths, whose summation order follows the layout
         ("fp8_gemm", (a[:1], a_s[:1], b, b_s), {}, dict(out_dtype=torch.float32)),
         ("fp8_linear", (xa[:1], b, b_s), {}, {}),
@@ -115,6 +118,7 @@ OUTPUT_DTYPES = {
     "sparse_attention": ("float", "float"), "fp8_quantize": (torch.float8_e4m3fn, torch.float32),
     "fp8_quantize_weight": (torch.float8_e4m3fn, torch.float32), "fp8_gemm": ("float",), "fp8_linear": ("float",),
     "gated_delta_rule": ("float", "float"), "causal_conv1d": ("float", torch.float32),
+    "ep_dispatch": (torch.float32, torch.float32, torch.int32, torch.int32), "ep_combine": ("float",),
 }
 
 

@@ -11,7 +11,7 @@ the calls the built-in models make under ``hal run``, recorded and replayed
 """
 from __future__ import annotations
 
-from hal.conformance.cases import dsa, fp8, linear_attention, moe
+from hal.conformance.cases import dsa, expert_parallel, fp8, linear_attention, moe
 from hal.conformance.cases._case import Case
 
 LEVELS = ("quick", "full", "models")
@@ -33,7 +33,8 @@ def catalog(level: str = "quick", ops=None) -> list[Case]:
         from hal.conformance.cases import model_calls
         order = {op: i for i, op in enumerate(CONTRACT)}
         return sorted((c for c in model_calls.cases() if ops is None or c.op in ops), key=lambda c: order[c.op])
-    everything = moe.cases(level) + dsa.cases(level) + fp8.cases(level) + linear_attention.cases(level)
+    everything = moe.cases(level) + dsa.cases(level) + fp8.cases(level) + linear_attention.cases(level) + \
+        expert_parallel.cases(level)
     for fn in _REGISTERED.values():
         everything += fn(level)
     order = {op: i for i, op in enumerate(CONTRACT)}

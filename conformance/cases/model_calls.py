@@ -1,10 +1,14 @@
 """The ``models`` level: the contract calls the built-in models really make, replayed as cases.
 
-Each built-in model (``tiny-glm5``, ``tiny-deepseek-v32``, ``tiny-glm45``) generates on the CPU
-reference for two prompts of different lengths (right padding, per-sequence ``q_offset`` /
-``k_lengths``, prefill then decode, both MLA forms). Every contract call is recorded with its
-arguments (cloned); the first call of each distinct signature (op, argument shapes, dtypes and
-scalar values) becomes a case ``<model>/<n>_<op>``. A backend certified at this level has run
+Each built-in model (``tiny-glm5``, ``tiny-deepseek-v32``, ``tiny-glm45``, ``tiny-qwen35``,
+``tiny-kimi-linear``) generates
+on the CPU reference for two prompts of different lengths (right padding, per-sequence ``q_offset``
+/ ``k_lengths``, prefill then decode, both MLA forms; Qwen3.5 and Kimi Linear (whose KDA passes the
+per-channel g [B, T, H, Dk]): ``seq_lens`` into
+``causal_conv1d`` / ``gated_delta_rule``, the conv window and recurrent state carried into
+decode). Every contract call is recorded with its arguments (cloned); the first call of each
+distinct signature (op, argument shapes, dtypes and scalar values) becomes a case
+``<model>/<n>_<op>``. A backend certified at this level has run
 exactly the calls ``hal run`` makes, not only the catalog's hand-made shapes. The recording runs
 once per process (a few seconds) and is deterministic: the models' weights come from fixed seeds.
 """
@@ -16,7 +20,7 @@ import torch
 
 from hal.conformance.cases._case import Case
 
-MODELS = ("tiny-glm5", "tiny-deepseek-v32", "tiny-glm45")
+MODELS = ("tiny-glm5", "tiny-deepseek-v32", "tiny-glm45", "tiny-qwen35", "tiny-kimi-linear")
 PROMPTS = ([1, 17, 42, 99, 5, 230, 311, 64, 77, 128, 9, 400], [3, 88, 150, 260, 18])
 NEW_TOKENS = 2
 

@@ -110,9 +110,13 @@ _NEEDS_BACKEND = ("missing --backend NAME|all: say which backend to certify, e.g
 @click.option("--fallback", type=click.Choice(["error", "reference"]), default="error", show_default=True,
               help="error: an op the backend lacks or declines is UNSUPPORTED; reference: it runs the CPU "
               "reference as hal.runtime() would, recorded with path 'fallback'.")
+@click.option("--world-size", "world_sizes", metavar="W,W", help="Also certify the expert-parallel ops (ep_dispatch, "
+              "ep_combine) on W local processes joined by gloo, for each W (e.g. 2,4), against the single-process "
+              "reference; cases world<W>/<scenario>.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.pass_context
-def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir, model, fallback, as_json):
+def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir, model, fallback, world_sizes,
+                as_json):
     """Certify a backend: every contract op on every case, compared with the reference.
 
     \b
@@ -122,6 +126,7 @@ def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir,
     hal conformance export --out golden/          # golden vectors + ONNX models
     hal conformance --golden golden/ --backend ascend
     hal conformance --model tiny-glm5 --backend cuda
+    hal conformance --backend cpu --ops ep_dispatch,ep_combine --world-size 2,4
 
     Each case runs twice. Statuses: PASS, FAIL (outside the op's budget), ERROR (the backend
     raised), UNSUPPORTED (the backend declares the op or case absent), SKIPPED (backend
@@ -158,6 +163,14 @@ def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir,
     if report_dir and not fmts:
         raise click.BadParameter(f"no format given; choose from {', '.join(reports.FORMATS)}", param_hint="--format")
     op_list = _split(ops)
+    worlds = []
+    for w in _split(world_sizes) or []:
+        if not w.isdigit() or not 2 <= int(w) <= 64:
+            raise click.BadParameter(f"{w!r} is not a world size from 2 to 64", param_hint="--world-size")
+        worlds.append(int(w))
+    if worlds and (golden_dir or model):
+        fail("--world-size certifies the expert-parallel ops against the reference; it does not combine with "
+             "--golden or --model", EXIT_USAGE, as_json=as_json)
     if op_list:
         unknown = [o for o in op_list if o not in hal.CONTRACT]
         if unknown:
@@ -210,6 +223,12 @@ def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir,
             prog = _Progress(len(cases), name, show)
             runs.append(certify(name, level=level, seed=seed, cases=cases, fallback=fallback, progress=prog))
             prog.close()
+            for w in worlds if not op_list or {"ep_dispatch", "ep_combine"} & set(op_list) else []:
+                from hal.conformance.world import OPS as EP_OPS, SCENARIOS, certify_world
+                prog = _Progress(len(SCENARIOS) * len(EP_OPS), f"{name} (world size {w})", show)
+                extra = certify_world(name, w, seed=seed, fallback=fallback, progress=prog)
+                prog.close()
+                runs[-1].results.extend(r for r in extra.results if not op_list or r.op in op_list)
     report = reports.build_report(runs, environment=env, kind=kind, level=level, golden_dir=golden_dir, models=models)
     paths, pointer, write_error = {}, None, None
     if report_dir:

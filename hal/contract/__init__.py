@@ -14,6 +14,7 @@ from typing import Callable
 from hal.contract._spec import (CONTRACT_VERSION, Args, ExactBudget, FloatBudget, OpSpec, SelectionBudget, TensorMeta,
                                 checked_mode, op_spec, set_checked)
 from hal.contract.dsa import lightning_indexer, sparse_attention
+from hal.contract.expert_parallel import ep_combine, ep_dispatch
 from hal.contract.fp8 import fp8_gemm, fp8_linear, fp8_quantize, fp8_quantize_weight
 from hal.contract.linear_attention import causal_conv1d, gated_delta_rule
 from hal.contract.moe import DispatchPlan, moe_combine, moe_dispatch, moe_experts, moe_forward, moe_route
@@ -23,6 +24,7 @@ CONTRACT: dict[str, OpSpec] = {s.name: s for s in (
     lightning_indexer, sparse_attention,
     fp8_quantize, fp8_quantize_weight, fp8_gemm, fp8_linear,
     gated_delta_rule, causal_conv1d,
+    ep_dispatch, ep_combine,
 )}
 OP_NAMES: tuple[str, ...] = tuple(CONTRACT)
 

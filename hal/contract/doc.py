@@ -18,6 +18,8 @@ FAMILIES = {
     "dsa": "DeepSeek Sparse Attention: lightning indexer and sparse attention over selected keys",
     "fp8": "FP8 GEMM: e4m3 with DeepSeek-style 1x128 (activation) and 128x128 (weight) block scales",
     "linear_attention": "Linear attention: the gated delta rule (Gated DeltaNet, KDA) and its causal short convolution",
+    "expert_parallel": "Expert parallelism: tokens to the ranks owning their experts and back, over a process group "
+                       "(`hal.distributed`)",
 }
 
 GENERAL = """\
@@ -25,7 +27,8 @@ One contract, many backends. Every backend implements these ops with exactly the
 semantics; the CPU reference backend (`backends/cpu/op_<name>.py`) is their executable definition.
 Tensors are `torch.Tensor`s on the backend's device. Shape letters: T tokens, H hidden size,
 E experts, k top-k, N dispatched rows, B batch, S query length, L key length, Hq query heads,
-Hk key heads, Hi indexer heads, D head dim, M/N/K GEMM sizes.
+Hk key heads, Hi indexer heads, D head dim, M/N/K GEMM sizes, W ranks of an expert-parallel group,
+R rows a rank receives.
 
 ## General rules
 

@@ -20,6 +20,9 @@ import torch.nn.functional as F
 from hal_ascend.limits import (FLOATS, GATING_MAX_EXPERTS, GMM_MAX_GROUPS, GROUP_SCORE_MAX, GROUP_SCORE_TOP2_SUM, HALF,
                                INDEXER_HEAD_DIM, INDEXER_MAX_HEADS, INIT_ROUTING_MAX_EXPERTS, SFA_ATTENTION_MODE,
                                SFA_NOPE_DIM, SFA_Q_HEADS, SFA_ROPE_DIM, SOFTMAX_GATING_MAX_K, SPARSE_COUNTS)
+from hal_ascend.limits import (CHUNK_GDR_HEAD_DIM, CHUNK_GDR_MAX_HEADS, CONV_DIM_MULTIPLE, CONV_WIDTH,
+                               EMULATED_GDR_CHUNK, RECURRENT_GDR_MAX_HEAD_DIM, RECURRENT_GDR_MAX_HEADS,
+                               RECURRENT_GDR_MAX_TOKENS, gdr_state_dtype)
 
 
 class NpuLimitError(RuntimeError):
@@ -355,6 +358,207 @@ def npu_moe_finalize_routing(expanded_permuted_rows, skip1, skip2, bias, scales,
     return out.to(rows.dtype)
 
 
-IMPLS = {f.__name__: f for f in (npu_moe_gating_top_k, npu_moe_gating_top_k_softmax, npu_moe_init_routing_v2,
+# --- linear attention ---------------------------------------------------------------------------
+
+def _gdr_common(op, query, key, value, beta, g, state, actual_seq_lengths, scale, state_name):
+    """The shared argument rules of the two GDR ops (TND layout); returns (Nk, Nv, Dk, Dv, lengths)."""
+    _contig(op, query=query, key=key, value=value, beta=beta, g=g, **{state_name: state})
+    _need(all(t is not None for t in (beta, g, state, actual_seq_lengths, scale)), op,
+          f"beta, g, {state_name}, actual_seq_lengths and scale are required")
+    _need(query.dtype == key.dtype == value.dtype == beta.dtype == torch.bfloat16, op,
+          "query, key, value and beta must be bfloat16")
+    _need(state.dtype == gdr_state_dtype(), op, f"{state_name} must be {gdr_state_dtype()} (got {state.dtype})")
+    _need(g.dtype == torch.float32, op, "g must be float32")
+    _need(query.dim() == key.dim() == value.dim() == 3 and query.shape == key.shape, op,
+          "query/key [T, Nk, Dk] and value [T, Nv, Dv] expected")
+    T, Nk, Dk = query.shape
+    Nv, Dv = value.shape[1], value.shape[2]
+    _need(value.shape[0] == T and Nv % Nk == 0, op, "value must be [T, Nv, Dv] with Nv a multiple of Nk")
+    _need(tuple(beta.shape) == (T, Nv) and tuple(g.shape) == (T, Nv), op, "beta and g must be [T, Nv]")
+    _need(state.dim() == 4 and tuple(state.shape[1:]) == (Nv, Dv, Dk), op, f"{state_name} must be [N, Nv, Dv, Dk]")
+    _need(actual_seq_lengths.dtype == torch.int32 and actual_seq_lengths.dim() == 1, op,
+          "actual_seq_lengths must be [B] int32")
+    lengths = actual_seq_lengths.tolist()
+    _need(sum(lengths) == T, op, f"actual_seq_lengths sum to {sum(lengths)}, the inputs have T={T} tokens")
+    return Nk, Nv, Dk, Dv, lengths
+
+
+def _decayed_update(S, q, k, v, g, beta, scale):
+    """One token of the gated delta rule for every head at once, in the ops' [Nv, Dv, Dk] state
+    layout (S maps keys to values): S <- exp(g) S; S <- S + beta (v - S k) k^T; o = scale S q."""
+    S = S * torch.exp(g)[:, None, None]
+    u = beta[:, None] * (v - (S @ k[:, :, None])[..., 0])
+    S = S + u[:, :, None] * k[:, None, :]
+    return S, scale * (S @ q[:, :, None])[..., 0]
+
+
+def _chunk(S, q, k, v, g, beta, scale):
+    """One chunk of C tokens (the WY / UT form) for every head: S [Nv, Dv, Dk] the state at its
+    start, q/k [C, Nv, Dk], v [C, Nv, Dv], g/beta [C, Nv] -> (o [C, Nv, Dv], S at its end).
+    With gamma the within-chunk cumulative log-decay, u solves (I + A) u = beta (v - e^gamma S k),
+    A[t, s] = beta_t e^(gamma_t - gamma_s) k_t.k_s for s < t; o_t = e^gamma_t S q_t +
+    sum_{s<=t} e^(gamma_t - gamma_s) (k_s.q_t) u_s; S' = e^gamma_C S + sum_s e^(gamma_C - gamma_s) u_s k_s^T."""
+    C = q.shape[0]
+    gamma = torch.cumsum(g, 0).transpose(0, 1)                                   # [Nv, C]
+    qh, kh, vh, bh = q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), beta.transpose(0, 1)
+    diff = gamma[:, :, None] - gamma[:, None, :]                                 # [Nv, t, s]
+    lower = torch.ones(C, C, dtype=torch.bool).tril()
+    decay = torch.where(lower, torch.exp(torch.where(lower, diff, 0.0)), 0.0)
+    strict = decay * (~torch.eye(C, dtype=torch.bool))
+    A = bh[:, :, None] * strict * (kh @ kh.transpose(1, 2))
+    rhs = bh[:, :, None] * (vh - torch.exp(gamma)[:, :, None] * (kh @ S.transpose(1, 2)))
+    u = torch.linalg.solve_triangular(torch.eye(C, dtype=S.dtype) + A, rhs, upper=False)   # [Nv, C, Dv]
+    o = torch.exp(gamma)[:, :, None] * (qh @ S.transpose(1, 2)) + (decay * (qh @ kh.transpose(1, 2))) @ u
+    tail = torch.exp(gamma[:, -1:] - gamma)                                      # [Nv, C]
+    S = torch.exp(gamma[:, -1])[:, None, None] * S + (u * tail[:, :, None]).transpose(1, 2) @ kh
+    return (scale * o).transpose(0, 1), S
+
+
+def npu_chunk_gated_delta_rule(query, key, value, *, beta=None, initial_state=None, actual_seq_lengths=None,
+                               scale=None, g=None):
+    """Chunked gated delta rule over packed sequences (TND): query/key [T, Nk, Dk], value
+    [T, Nv, Dv], beta [T, Nv] (all bfloat16), g [T, Nv] float32 log-decays, initial_state
+    [B, Nv, Dv, Dk] (the state maps keys to values; bfloat16 as documented, float32 under
+    ``HAL_ASCEND_GDR_STATE_DTYPE=float32``), actual_seq_lengths [B] int32 (sum T).
+    Value head h reads key head h // (Nv / Nk). Per sequence and token: S <- exp(g) S,
+    S <- S + beta (v - S k) k^T, o = scale * S q -- the decay before the update (CANN's formula
+    ``S_t = a_t S_{t-1} + b_t (v_t - a_t S_{t-1} k_t) k_t^T``). No l2norm of q/k inside (vllm-ascend
+    normalizes them before the call). Returns (out [T, Nv, Dv] bfloat16, final_state
+    [B, Nv, Dv, Dk] in initial_state's dtype). Limits: Dk = Dv = 128, Nk, Nv <= 64.
+    Assumptions: chunks of 64 tokens carried in fp32, the state read and written in its own
+    dtype; a sequence of length 0 keeps its initial state."""
+    op = "npu_chunk_gated_delta_rule"
+    Nk, Nv, Dk, Dv, lengths = _gdr_common(op, query, key, value, beta, g, initial_state, actual_seq_lengths, scale,
+                                          "initial_state")
+    _need(Dk == CHUNK_GDR_HEAD_DIM and Dv == CHUNK_GDR_HEAD_DIM, op, f"Dk={Dk}, Dv={Dv}: both must be 128")
+    _need(Nk <= CHUNK_GDR_MAX_HEADS and Nv <= CHUNK_GDR_MAX_HEADS, op, f"Nk={Nk}, Nv={Nv}: at most 64 heads")
+    _need(initial_state.shape[0] == len(lengths), op, "initial_state must have one row per sequence")
+    rep = Nv // Nk
+    q = query.float().repeat_interleave(rep, 1)
+    k = key.float().repeat_interleave(rep, 1)
+    v, gf, bf = value.float(), g.float(), beta.float()
+    out = torch.zeros(query.shape[0], Nv, Dv)
+    final = torch.empty_like(initial_state)
+    start = 0
+    for b, n in enumerate(lengths):
+        S = initial_state[b].float()
+        for c in range(start, start + n, EMULATED_GDR_CHUNK):
+            e = min(c + EMULATED_GDR_CHUNK, start + n)
+            out[c:e], S = _chunk(S, q[c:e], k[c:e], v[c:e], gf[c:e], bf[c:e], float(scale))
+        final[b] = S.to(final.dtype)
+        start += n
+    return out.to(torch.bfloat16), final
+
+
+def npu_recurrent_gated_delta_rule(query, key, value, state, *, beta=None, scale=None, actual_seq_lengths=None,
+                                   ssm_state_indices=None, num_accepted_tokens=None, g=None, gk=None):
+    """Token-by-token gated delta rule with a state pool updated in place: query/key [T, Nk, Dk],
+    value [T, Nv, Dv], beta [T, Nv] (bfloat16), g [T, Nv] float32, state [BlockNum, Nv, Dv, Dk]
+    (in :func:`hal_ascend.limits.gdr_state_dtype`), actual_seq_lengths [B] int32 with
+    1 <= L_i <= 8, ssm_state_indices [T] int32:
+    ``state[ssm_state_indices[i]]`` is token i's state. Same per-token rule as
+    :func:`npu_chunk_gated_delta_rule`. Returns out [T, Nv, Dv] bfloat16. Limits: Nk, Nv <= 256,
+    Dk, Dv <= 256; gk (per-channel decay) unsupported.
+    Assumptions (vLLM's convention, not spelled out in the docs): sequence b starts from
+    ``state[ssm_state_indices[start_b + num_accepted_tokens[b] - 1]]`` (num_accepted_tokens None:
+    1), and after each of its tokens the state is written to that token's slot."""
+    op = "npu_recurrent_gated_delta_rule"
+    Nk, Nv, Dk, Dv, lengths = _gdr_common(op, query, key, value, beta, g, state, actual_seq_lengths, scale, "state")
+    _need(gk is None, op, "gk (per-channel decay) is not supported in this version")
+    _need(Nk <= RECURRENT_GDR_MAX_HEADS and Nv <= RECURRENT_GDR_MAX_HEADS, op, f"Nk={Nk}, Nv={Nv}: at most 256 heads")
+    _need(Dk <= RECURRENT_GDR_MAX_HEAD_DIM and Dv <= RECURRENT_GDR_MAX_HEAD_DIM, op,
+          f"Dk={Dk}, Dv={Dv}: at most 256")
+    _need(all(1 <= n <= RECURRENT_GDR_MAX_TOKENS for n in lengths), op,
+          f"sequence lengths {lengths}: each must be in [1, {RECURRENT_GDR_MAX_TOKENS}]")
+    T = query.shape[0]
+    _need(ssm_state_indices is not None and ssm_state_indices.dtype == torch.int32
+          and tuple(ssm_state_indices.shape) == (T,), op, "ssm_state_indices must be [T] int32")
+    slots = ssm_state_indices.tolist()
+    _need(all(0 <= s < state.shape[0] for s in slots), op, "ssm_state_indices outside [0, BlockNum)")
+    accepted = [1] * len(lengths) if num_accepted_tokens is None else num_accepted_tokens.tolist()
+    rep = Nv // Nk
+    q = query.float().repeat_interleave(rep, 1)
+    k = key.float().repeat_interleave(rep, 1)
+    v, gf, bf = value.float(), g.float(), beta.float()
+    out = torch.zeros(T, Nv, Dv)
+    start = 0
+    for n, a in zip(lengths, accepted):
+        _need(1 <= a <= n, op, "num_accepted_tokens outside [1, L_i]")
+        S = state[slots[start + a - 1]].float()
+        for t in range(start, start + n):
+            S, out[t] = _decayed_update(S, q[t], k[t], v[t], gf[t], bf[t], float(scale))
+            state[slots[t]] = S.to(state.dtype)
+        start += n
+    return out.to(torch.bfloat16)
+
+
+def npu_fused_causal_conv1d(x, weight, conv_states, *, query_start_loc=None, cache_indices=None,
+                            initial_state_mode=None, bias=None, num_accepted_tokens=None, activation="None",
+                            pad_slot_id=-1, run_mode=0, residual_connection=0, max_query_len=-1,
+                            num_computed_tokens=None, block_idx_first_scheduled_token=None,
+                            block_idx_last_scheduled_token=None, initial_state_idx=None, block_size=128,
+                            conv_mode="default"):
+    """Depthwise causal conv1d over packed sequences, continuing from and updating a window pool
+    in place: x [cu_seq_len, dim] (float16/bfloat16, dim % 128 == 0) with query_start_loc
+    [batch + 1] (or x [batch, seq_len, dim]), weight [K = 3, dim] (x's dtype: assumption),
+    conv_states [N, K-1, dim] (x's dtype), cache_indices [batch]: sequence b continues from
+    ``conv_states[cache_indices[b]]`` (oldest row first) and that row becomes the last K-1 rows
+    of cat(window, x_b); ``cache_indices[b] == pad_slot_id`` skips sequence b.
+    ``y[t] = sum_j weight[j] * xs[t + j]`` (weight[K-1] meets the current token), plus x when
+    residual_connection = 1. Returns y (x's shape and dtype). Emulated: the default mode without
+    APC, bias, activation, initial_state_mode, run_mode or num_accepted_tokens (the docs mark
+    bias, activation, initial_state_mode and run_mode "not supported yet").
+    Assumptions: fp32 accumulation; rows of a skipped sequence are 0."""
+    op = "npu_fused_causal_conv1d"
+    _contig(op, x=x, weight=weight, conv_states=conv_states)
+    _need(x.dtype in HALF and weight.dtype == x.dtype and conv_states.dtype == x.dtype, op,
+          "x, weight and conv_states must share a float16/bfloat16 dtype")
+    _need(x.dim() in (2, 3), op, "x must be [cu_seq_len, dim] or [batch, seq_len, dim]")
+    D = x.shape[-1]
+    _need(D % CONV_DIM_MULTIPLE == 0, op, f"dim={D} must be a multiple of {CONV_DIM_MULTIPLE}")
+    _need(weight.dim() == 2 and tuple(weight.shape) == (CONV_WIDTH, D), op, f"weight must be [3, dim={D}]")
+    _need(conv_states.dim() == 3 and tuple(conv_states.shape[1:]) == (CONV_WIDTH - 1, D), op,
+          "conv_states must be [N, 2, dim]")
+    _need(bias is None and initial_state_mode is None and num_accepted_tokens is None and run_mode == 0
+          and activation == "None" and conv_mode == "default" and residual_connection in (0, 1), op,
+          "bias / activation / initial_state_mode / run_mode / num_accepted_tokens / pangu mode are not emulated")
+    _need(all(t is None for t in (num_computed_tokens, block_idx_first_scheduled_token,
+                                  block_idx_last_scheduled_token, initial_state_idx)), op, "APC is not emulated")
+    if x.dim() == 2:
+        _need(query_start_loc is not None and query_start_loc.dim() == 1, op, "a 2-D x needs query_start_loc")
+        bounds = query_start_loc.tolist()
+        _need(bounds[0] == 0 and bounds[-1] == x.shape[0] and all(a <= b for a, b in zip(bounds, bounds[1:])), op,
+              "query_start_loc must rise from 0 to cu_seq_len")
+        rows = x
+    else:
+        L = x.shape[1]
+        bounds = [b * L for b in range(x.shape[0] + 1)]
+        rows = x.reshape(-1, D)
+    B = len(bounds) - 1
+    slots = list(range(B)) if cache_indices is None else cache_indices.tolist()
+    _need(len(slots) == B, op, "cache_indices must have one entry per sequence")
+    w = weight.float()
+    y = torch.zeros(rows.shape, dtype=torch.float32)
+    for b in range(B):
+        if slots[b] == pad_slot_id:
+            continue
+        _need(0 <= slots[b] < conv_states.shape[0], op, "cache_indices outside the conv_states rows")
+        seq = rows[bounds[b]:bounds[b + 1]]
+        xs = torch.cat([conv_states[slots[b]], seq]).float()
+        n = seq.shape[0]
+        for j in range(CONV_WIDTH):
+            y[bounds[b]:bounds[b + 1]] += w[j] * xs[j:j + n]
+        if residual_connection:
+            y[bounds[b]:bounds[b + 1]] += seq.float()
+        conv_states[slots[b]] = torch.cat([conv_states[slots[b]], seq])[n:]
+    return y.to(x.dtype).reshape(x.shape)
+
+
+IMPLS = {f.__name__: f for f in (npu_chunk_gated_delta_rule, npu_recurrent_gated_delta_rule, npu_fused_causal_conv1d,
+                                 npu_moe_gating_top_k, npu_moe_gating_top_k_softmax, npu_moe_init_routing_v2,
                                  npu_grouped_matmul, npu_swiglu, npu_lightning_indexer, npu_sparse_flash_attention,
                                  npu_moe_finalize_routing)}
+
+from hal_ascend.emulator_mc2 import IMPLS as _MC2_IMPLS  # noqa: E402 - it uses the helpers above
+
+IMPLS.update(_MC2_IMPLS)

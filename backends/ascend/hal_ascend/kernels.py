@@ -13,6 +13,9 @@ from hal import blockscale
 from hal_ascend.limits import (FLOATS, GATING_MAX_EXPERTS, GMM_MAX_GROUPS, GROUP_SCORE_MAX, GROUP_SCORE_TOP2_SUM, HALF,
                                INDEXER_HEAD_DIM, INDEXER_MAX_HEADS, INIT_ROUTING_MAX_EXPERTS, SFA_NOPE_DIM, SFA_Q_HEADS,
                                SFA_ROPE_DIM, SOFTMAX_GATING_MAX_K, SPARSE_COUNTS)
+from hal_ascend.limits import (CHUNK_GDR_HEAD_DIM, CHUNK_GDR_MAX_HEADS, CONV_DIM_MULTIPLE, CONV_SOCS, CONV_WIDTH,
+                               GDR_STATE_DTYPE_ENV, RECURRENT_GDR_MAX_HEAD_DIM, RECURRENT_GDR_MAX_HEADS,
+                               RECURRENT_GDR_MAX_TOKENS, gdr_state_dtype)
 from hal_ascend.npu import functions as npu
 
 # FP8 experts (declared emulation): the most dequantized fp32 weight bytes held at once
@@ -448,3 +451,174 @@ def sparse_attention(q, k, v, indices, *, scale, return_lse):
     if not return_lse:
         return out.contiguous()
     return out.contiguous(), torch.where(any_valid[:, :, None], lse, float("-inf")).float()
+
+
+# --- linear attention: gated delta rule ---------------------------------------------------------
+
+GDR_SOCS = ("A2", "A3", "unknown")          # the GDR ops' documented chips (unknown: A2/A3 limits applied)
+
+
+def gdr_op_for(T: int) -> str:
+    """The rule choosing the NPU op: ``npu_recurrent_gated_delta_rule`` when T <= 8 (every
+    sequence then fits its 1..8-token limit: decode and speculative decode), else
+    ``npu_chunk_gated_delta_rule`` (prefill). Known from the shapes alone: no host sync."""
+    return "recurrent" if T <= RECURRENT_GDR_MAX_TOKENS else "chunk"
+
+
+def gdr_supports(q, k, v, g, beta, *, scale, initial_state, state_indices, seq_lens, qk_l2norm, soc="A3"):
+    """None, or why the call lies outside the torch_npu GDR ops' documented limits."""
+    B, T, Hk, Dk = q.shape
+    Hv, Dv = v.shape[2], v.shape[3]
+    if B * T == 0:
+        return None                                      # no token: no op call (see gated_delta_rule)
+    if soc not in GDR_SOCS:
+        return ("npu_chunk_gated_delta_rule / npu_recurrent_gated_delta_rule are documented for Atlas A2/A3 only "
+                f"(not {soc})")
+    if q.dtype != torch.bfloat16:
+        return f"the torch_npu gated delta rule ops take bfloat16 q/k/v only (got {q.dtype})"
+    if beta.dtype != torch.bfloat16:
+        return (f"the torch_npu gated delta rule ops take beta in bfloat16 (got {beta.dtype}; rounding it would change "
+                "the result)")
+    if g.dim() == 4:
+        return ("per-channel g (KDA): npu_recurrent_gated_delta_rule's gk is 'not supported in this version' and "
+                "npu_chunk_gated_delta_rule takes one decay per head")
+    if gdr_state_dtype() != torch.float32:
+        return ("the torch_npu 2.13 gated delta rule ops take and return the state in bfloat16 (documented); the "
+                "contract's final_state is float32 and its budget (1e-4 abs) is below bfloat16 rounding. Set "
+                f"{GDR_STATE_DTYPE_ENV}=float32 only for an op build that takes a float32 state")
+    if qk_l2norm:
+        return ("qk_l2norm: the torch_npu gated delta rule ops do not normalize q/k, and keys normalized outside them "
+                "reach the op rounded to bfloat16, an error in final_state above the contract's budget (1e-4 abs); "
+                "hand in l2-normalized q/k with qk_l2norm=False")
+    if gdr_op_for(T) == "recurrent":
+        if max(Hk, Hv) > RECURRENT_GDR_MAX_HEADS or max(Dk, Dv) > RECURRENT_GDR_MAX_HEAD_DIM:
+            return (f"npu_recurrent_gated_delta_rule takes at most {RECURRENT_GDR_MAX_HEADS} heads and head dims "
+                    f"<= {RECURRENT_GDR_MAX_HEAD_DIM} (got Hk={Hk}, Hv={Hv}, Dk={Dk}, Dv={Dv})")
+        return None
+    if max(Dk, Dv) > CHUNK_GDR_HEAD_DIM:
+        return (f"npu_chunk_gated_delta_rule needs Dk = Dv = {CHUNK_GDR_HEAD_DIM} (smaller ones are zero-padded; "
+                f"got Dk={Dk}, Dv={Dv})")
+    if max(Hk, Hv) > CHUNK_GDR_MAX_HEADS:
+        return f"npu_chunk_gated_delta_rule takes at most {CHUNK_GDR_MAX_HEADS} heads (got Hk={Hk}, Hv={Hv})"
+    return None
+
+
+def _l2norm(x):
+    xf = x.float()
+    return xf / torch.sqrt((xf * xf).sum(-1, keepdim=True) + 1e-6)
+
+
+def gated_delta_rule(q, k, v, g, beta, *, scale, initial_state, state_indices, seq_lens, qk_l2norm):
+    """The ops take packed tokens (TND) with per-sequence ``actual_seq_lengths``, bfloat16
+    q/k/v/beta, fp32 g, and a state ``[N, Hv, Dv, Dk]`` (the contract's ``[.., Dk, Dv]``
+    transposed) in :func:`hal_ascend.limits.gdr_state_dtype`. Here: starting states gathered
+    from the pool by ``state_indices`` (zeros without one), q/k l2-normalized in fp32 first when
+    ``qk_l2norm`` (the ops do not), the live tokens (``t < seq_lens[b]``) packed, sequences of
+    length 0 left out (they keep their state; one host sync finds them). T <= 8
+    (:func:`gdr_op_for`): npu_recurrent_gated_delta_rule on a scratch pool with one slot per
+    token (ssm_state_indices = arange; sequence b starts at its first token's slot, and its final
+    state is its last token's slot); else npu_chunk_gated_delta_rule, Dk/Dv < 128 zero-padded to
+    128 (zero key / value columns leave every output and state entry unchanged)."""
+    fn = npu()
+    B, T, Hk, Dk = q.shape
+    Hv, Dv = v.shape[2], v.shape[3]
+    sd, dev = gdr_state_dtype(), q.device
+    if initial_state is None:
+        start = torch.zeros(B, Hv, Dk, Dv, dtype=torch.float32, device=dev)
+    else:
+        start = (initial_state if state_indices is None else initial_state[state_indices.long()]).float()
+    final = start.clone()                                # sequences of length 0 keep their state, bit for bit
+    out = torch.zeros(B, T, Hv, Dv, dtype=q.dtype, device=dev)
+    lengths = (torch.full((B,), T, device=dev) if seq_lens is None else seq_lens.to(dev)).long()
+    live = torch.nonzero(lengths > 0).flatten() if B * T else lengths.new_zeros(0)
+    if live.numel() == 0:
+        return out, final
+    S0 = start[live].transpose(-1, -2).to(sd)             # [n, Hv, Dv, Dk]: the ops' layout and dtype
+    mask = torch.arange(T, device=dev)[None, :] < lengths[:, None]
+    if qk_l2norm:
+        q, k = _l2norm(q).to(q.dtype), _l2norm(k).to(k.dtype)
+    qp, kp, vp = q[mask].contiguous(), k[mask].contiguous(), v[mask].contiguous()
+    gp, bp = g[mask].float().contiguous(), beta[mask].contiguous()
+    lens = lengths[live]
+    lens32 = lens.to(torch.int32)
+    if gdr_op_for(T) == "recurrent":
+        starts = torch.cumsum(lens, 0) - lens
+        pool = torch.zeros(qp.shape[0], Hv, Dv, Dk, dtype=sd, device=dev)
+        pool[starts] = S0
+        slots = torch.arange(qp.shape[0], dtype=torch.int32, device=dev)
+        o = fn.npu_recurrent_gated_delta_rule(qp, kp, vp, pool, beta=bp, scale=float(scale), actual_seq_lengths=lens32,
+                                              ssm_state_indices=slots, g=gp)
+        last = pool[starts + lens - 1]
+    else:
+        P = CHUNK_GDR_HEAD_DIM
+        qp, kp, vp = F.pad(qp, (0, P - Dk)), F.pad(kp, (0, P - Dk)), F.pad(vp, (0, P - Dv))
+        o, st = fn.npu_chunk_gated_delta_rule(qp, kp, vp, beta=bp, initial_state=F.pad(S0, (0, P - Dk, 0, P - Dv)),
+                                              actual_seq_lengths=lens32, scale=float(scale), g=gp)
+        o, last = o[..., :Dv], st[:, :, :Dv, :Dk]
+    out[mask] = o.to(q.dtype)
+    final[live] = last.transpose(-1, -2).float()
+    return out, final.contiguous()
+
+
+# --- linear attention: causal conv1d ------------------------------------------------------------
+
+def conv_supports(x, weight, *, bias, conv_state, state_indices, seq_lens, activation, soc="A3"):
+    """None, or why the call lies outside npu_fused_causal_conv1d's documented limits."""
+    op = "npu_fused_causal_conv1d"
+    if x.shape[0] * x.shape[1] == 0:
+        return None                                      # no token: no op call (see causal_conv1d)
+    if soc not in CONV_SOCS:
+        return f"{op} is documented for the Ascend 950 only (this is Atlas {soc})"
+    if x.dtype not in HALF:
+        return f"{op} takes float16/bfloat16 x only (got {x.dtype})"
+    if weight.dtype != x.dtype:
+        return (f"{op} takes the weight in x's dtype (got {weight.dtype} with {x.dtype} x; rounding it would change "
+                "the result)")
+    if weight.shape[1] > CONV_WIDTH:
+        return f"{op} takes kernel width K = {CONV_WIDTH} only (got K={weight.shape[1]}; a narrower K is zero-padded)"
+    if bias is not None:
+        return f"{op}: bias is 'not supported yet' (torch_npu 2.13 documentation)"
+    if activation != "none":
+        return f"{op}: activation is 'not supported yet' (torch_npu 2.13 documentation)"
+    return None
+
+
+def causal_conv1d(x, weight, *, bias, conv_state, state_indices, seq_lens, activation):
+    """npu_fused_causal_conv1d on packed tokens: x [sum L, D] with query_start_loc [B + 1], weight
+    as its [3, D] (the contract's [D, K] transposed; K < 3 gets zero taps in front, with zero rows
+    in front of the window), a scratch window pool [B, 2, D] (gathered by ``state_indices``,
+    zeros without a conv_state) that the op updates in place, cache_indices = arange(B) with
+    pad_slot_id -1 for sequences of length 0 (the op skips them: they keep their window). D is
+    zero-padded to a multiple of 128 (depthwise: padded channels never reach real ones)."""
+    B, T, D = x.shape
+    K, W = weight.shape[1], CONV_WIDTH
+    Dp = -(-D // CONV_DIM_MULTIPLE) * CONV_DIM_MULTIPLE
+    dev = x.device
+    if B * T == 0:                                       # nothing to convolve: each window stays as it was
+        rows = x.new_zeros(B, K - 1, D) if conv_state is None else (
+            conv_state if state_indices is None else conv_state[state_indices.long()])
+        return x.new_zeros(B, T, D), rows.clone()
+    window = x.new_zeros(B, W - 1, Dp)
+    if conv_state is not None and K > 1:
+        rows = conv_state if state_indices is None else conv_state[state_indices.long()]
+        window[:, W - K:, :D] = rows
+    out = torch.zeros(B, T, D, dtype=x.dtype, device=dev)
+    lengths = (torch.full((B,), T, device=dev) if seq_lens is None else seq_lens.to(dev)).long()
+    mask = torch.arange(T, device=dev)[None, :] < lengths[:, None]
+    xp = F.pad(x[mask], (0, Dp - D)).contiguous()
+    if xp.shape[0]:
+        taps = x.new_zeros(W, Dp)
+        taps[W - K:, :D] = weight.t().to(x.dtype)
+        bounds = torch.zeros(B + 1, dtype=torch.int32, device=dev)
+        bounds[1:] = torch.cumsum(lengths, 0).to(torch.int32)
+        slots = torch.where(lengths > 0, torch.arange(B, device=dev), -1).to(torch.int32)
+        y = npu().npu_fused_causal_conv1d(xp, taps, window, query_start_loc=bounds, cache_indices=slots,
+                                          activation="None", pad_slot_id=-1, max_query_len=T)
+        out[mask] = y[:, :D]
+    return out, window[:, W - K:, :D].contiguous()
+
+
+# --- expert parallelism: the MC2 op pair (hal_ascend.ep_mc2) --------------------------------------
+from hal_ascend.ep_mc2 import combine_supports as ep_combine_supports  # noqa: E402,F401 - kernels.py lists every op
+from hal_ascend.ep_mc2 import dispatch_supports as ep_dispatch_supports  # noqa: E402,F401
+from hal_ascend.ep_mc2 import ep_combine, ep_dispatch  # noqa: E402,F401

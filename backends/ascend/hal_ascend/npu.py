@@ -2,7 +2,9 @@
 
 ``functions()`` returns an object with ``npu_moe_gating_top_k``, ``npu_moe_gating_top_k_softmax``,
 ``npu_moe_init_routing_v2``, ``npu_grouped_matmul``, ``npu_swiglu``, ``npu_lightning_indexer``,
-``npu_sparse_flash_attention`` and ``npu_moe_finalize_routing``: ``torch_npu`` (and its ``custom``
+``npu_sparse_flash_attention``, ``npu_moe_finalize_routing``, ``npu_chunk_gated_delta_rule``,
+``npu_recurrent_gated_delta_rule``, ``npu_fused_causal_conv1d`` and the MC2 pair
+``npu_moe_distribute_dispatch_v2`` / ``npu_moe_distribute_combine_v2``: ``torch_npu`` (and its ``custom``
 namespace for the DSA ops) on real hardware; with ``HAL_ASCEND_EMULATE=1`` the
 :mod:`hal_ascend.emulator` functions registered under the installed wheel's own schemas
 (``torch.ops.hal_npu_emu.*``, see :mod:`hal_ascend.schema`), or, when the wheel is absent, the
@@ -16,7 +18,9 @@ import os
 import types
 
 NAMES = ("npu_moe_gating_top_k", "npu_moe_gating_top_k_softmax", "npu_moe_init_routing_v2", "npu_grouped_matmul",
-         "npu_swiglu", "npu_lightning_indexer", "npu_sparse_flash_attention", "npu_moe_finalize_routing")
+         "npu_swiglu", "npu_lightning_indexer", "npu_sparse_flash_attention", "npu_moe_finalize_routing",
+         "npu_chunk_gated_delta_rule", "npu_recurrent_gated_delta_rule", "npu_fused_causal_conv1d",
+         "npu_moe_distribute_dispatch_v2", "npu_moe_distribute_combine_v2")
 
 
 def emulating() -> bool:
@@ -48,6 +52,12 @@ def binding():
         from hal_ascend import emulator, schema
         _binding = schema.bind({n: emulator.IMPLS[n] for n in NAMES})
     return _binding
+
+
+def is_emulating() -> bool:
+    """Whether the running kernel's seam is the emulator (see :func:`mode`)."""
+    emulate = _MODE.get()
+    return emulating() if emulate is None else bool(emulate)
 
 
 def functions():

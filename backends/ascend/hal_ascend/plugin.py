@@ -8,6 +8,7 @@ import hal
 from hal.backend import Availability, Backend, OpCapability, distribution_version
 from hal_ascend.npu import emulating
 
+EMULATED_SOCS = ("A2", "A3", "950")
 FP8_OPS = ("fp8_quantize", "fp8_quantize_weight", "fp8_gemm", "fp8_linear")
 EMULATE_LABEL = "ascend (emulated torch_npu)"
 
@@ -34,6 +35,13 @@ def import_failure_reason(exc: BaseException) -> str:
     return f"import torch_npu failed: {type(exc).__name__}: {msg}"
 
 
+def emulated_soc() -> str:
+    """The chip family the emulator stands in for: ``HAL_ASCEND_EMULATE_SOC`` (A2, A3 or 950;
+    default A3). It selects the capability table (the limits, and which ops the chip has: e.g.
+    npu_fused_causal_conv1d is documented for the 950 only); the emulated ops are the same."""
+    return os.environ.get("HAL_ASCEND_EMULATE_SOC", "A3")
+
+
 def soc_family(name: str) -> str:
     """'A2', 'A3', '950' or 'unknown' from the device name torch_npu reports (e.g. Ascend910B3)."""
     n = name.replace(" ", "")
@@ -46,10 +54,15 @@ def soc_family(name: str) -> str:
     return "unknown"
 
 
-def capability_table(soc: str) -> dict:
-    """Per op: path and note for a chip family (the limits are those of Atlas A2/A3)."""
-    from hal_ascend.kernels import (attention_supports, dispatch_supports, experts_supports, finalize_supports,
-                                forward_supports, indexer_supports, route_supports)
+def capability_table(soc: str, emulated: bool = False) -> dict:
+    """Per op: path and note for a chip family (the limits are those of Atlas A2/A3); ``emulated``:
+    the table of the emulator standing in for that chip (the EP ops' path is then "emulated")."""
+    import functools
+
+    from hal_ascend.ep_mc2 import combine_supports
+    from hal_ascend.ep_mc2 import dispatch_supports as ep_dispatch_supports
+    from hal_ascend.kernels import (attention_supports, conv_supports, dispatch_supports, experts_supports,
+                                    finalize_supports, forward_supports, gdr_supports, indexer_supports, route_supports)
     floats = ("float32", "bfloat16", "float16")
     caps = {
         "moe_route": OpCapability("native", floats, "npu_moe_gating_top_k (group score: max without a correction "
@@ -74,7 +87,28 @@ def capability_table(soc: str) -> dict:
                                          "MLA 512 + 64 rope, other shapes packed into it; lse = softmax_max + "
                                          "log(softmax_sum)); fp32: the contract's arithmetic as torch ops on the NPU",
                                          supports=attention_supports),
+        "gated_delta_rule": OpCapability("native", ("bfloat16",), "npu_recurrent_gated_delta_rule (T <= 8) / "
+                                         "npu_chunk_gated_delta_rule (packed TND, state [N, Hv, Dv, Dk], q/k l2norm "
+                                         "outside the op, Dk/Dv < 128 zero-padded for the chunk op); per-channel g, "
+                                         "fp16/fp32 and a bf16-only state declined",
+                                         supports=functools.partial(gdr_supports, soc=soc)),
+        "causal_conv1d": OpCapability("native", ("bfloat16", "float16"), "npu_fused_causal_conv1d (Ascend 950 only; "
+                                      "packed with query_start_loc, weight [3, D], K < 3 and D % 128 zero-padded); "
+                                      "bias and activation declined ('not supported yet')",
+                                      supports=functools.partial(conv_supports, soc=soc)),
     }
+    # under the emulator the MC2 pair runs over the gloo reference transport: a declared emulation
+    mc2_path, mc2_via = ("emulated", " (emulated over gloo)") if emulated else ("native", "")
+    caps["ep_dispatch"] = OpCapability(
+        mc2_path, floats + ("float8_e4m3fn",), "npu_moe_distribute_dispatch_v2" + mc2_via + " (MC2, Atlas A3; quant_mode 0): the "
+        "rows' bytes (with their 1x128 scales), source and expert ids travel as bf16 words, batches padded to the "
+        "group's largest with a [BS, K] x_active_mask for padding and -1 slots, expert_map by relabelling; one "
+        "all-reduce for the largest batch unless HAL_ASCEND_EP_MAX_BS", supports=functools.partial(
+            ep_dispatch_supports, soc=soc))
+    caps["ep_combine"] = OpCapability(
+        mc2_path, floats, "npu_moe_distribute_combine_v2" + mc2_via + " (MC2, Atlas A3) on the handle of the "
+        "group's last ep_dispatch, topk_weights as expert_scales (fp32); fp32 expert outputs: all_to_all_single over "
+        "the group's process group and the fp32 weighting as torch ops (MC2 returns 16-bit sums, above the budget)", supports=functools.partial(combine_supports, soc=soc))
     fp8_note = ("Ascend 950 has FP8 units, but no FP8 GEMM mapping is certified yet: the reference arithmetic runs "
                 "on the NPU" if soc == "950" else
                 f"Atlas {soc} has no FP8 matrix unit: quantization arithmetic in fp32 and GEMMs on dequantized fp32 "
@@ -114,7 +148,7 @@ class AscendBackend(Backend):
         super().__init__(version=distribution_version("hal-ascend"))
         self.emulate = emulating() if emulate is None else bool(emulate)
         self.device_type = "cpu" if self.emulate else "npu"
-        self.soc = "A3 (emulated)" if self.emulate else "unknown"
+        self.soc = f"{emulated_soc()} (emulated)" if self.emulate else "unknown"
 
     def with_options(self, *, emulate: bool | None = None, **unknown) -> "AscendBackend":
         """This backend with ``emulate`` set for this instance only (``hal.runtime("ascend",
@@ -125,9 +159,18 @@ class AscendBackend(Backend):
 
     def probe(self) -> Availability:
         import torch
+
+        from hal_ascend.limits import gdr_state_dtype
         versions = {"hal-ascend": self.version, "torch": torch.__version__}
+        try:
+            gdr_state_dtype()
+        except ValueError as exc:
+            return Availability(False, str(exc), versions=versions)
         if self.emulate:
             from hal_ascend.npu import binding
+            if self.soc.split()[0] not in EMULATED_SOCS:
+                return Availability(False, f"HAL_ASCEND_EMULATE_SOC={self.soc.split()[0]!r}: the emulator stands in for "
+                                    f"{', '.join(EMULATED_SOCS)}", versions=versions)
             from hal_ascend.schema import NpuSchemaError
             try:
                 b = binding()
@@ -137,7 +180,8 @@ class AscendBackend(Backend):
             if b.bound:
                 versions["torch_npu (schemas)"] = b.version
             return Availability(True, "emulated torch_npu (no NPU hardware): HAL_ASCEND_EMULATE=1 runs the backend on "
-                                f"CPU tensors through hal_ascend.emulator, {b.describe()}",
+                                f"CPU tensors through hal_ascend.emulator with the capability table of the "
+                                f"{self.soc.split()[0]} (HAL_ASCEND_EMULATE_SOC), {b.describe()}",
                                 device="CPU (torch_npu emulator)", versions=versions, label=EMULATE_LABEL)
         try:
             import torch_npu
@@ -159,7 +203,7 @@ class AscendBackend(Backend):
                             label=f"ascend ({name})")
 
     def capabilities(self):
-        return capability_table(self.soc.split()[0])
+        return capability_table(self.soc.split()[0], emulated=self.emulate)
 
     def prepare_weights(self, op: str, weights: dict) -> dict:
         """The hal.Backend hook models call once at load: see :func:`prepare_expert_weights`."""
@@ -169,7 +213,9 @@ class AscendBackend(Backend):
         from hal.backends.cpu import KERNELS
         from hal_ascend import kernels as ops
         k = {name: getattr(ops, name) for name in ("moe_route", "moe_dispatch", "moe_experts", "moe_combine",
-                                                   "moe_forward", "lightning_indexer", "sparse_attention")}
+                                                   "moe_forward", "lightning_indexer", "sparse_attention",
+                                                   "gated_delta_rule", "causal_conv1d", "ep_dispatch",
+                                                   "ep_combine")}
         if combine_path() == "finalize_routing":
             k["moe_combine"] = ops.moe_combine_finalize
         k = {name: self._in_mode(fn) for name, fn in k.items()}

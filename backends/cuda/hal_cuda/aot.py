@@ -18,7 +18,8 @@ from hal_cuda import launch as L
 
 ARCHS = {"sm_90a": 90, "sm_89": 89}
 SMEM_LIMIT = 227 * 1024                     # opt-in shared memory per block on H100 / H200 (sm_90)
-STRICT_SPILL_KERNELS = ("_fp8_gemm_kernel", "_grouped_gemm_kernel", "_sparse_attn_kernel", "_scores_kernel")
+STRICT_SPILL_KERNELS = ("_fp8_gemm_kernel", "_grouped_gemm_kernel", "_sparse_attn_kernel", "_scores_kernel",
+                        "_gdr_recurrent_kernel")
 TORCH_TO_TRITON = {"bf16": "bf16", "fp16": "fp16", "fp32": "fp32", "fp8": "fp8e4nv"}
 
 # the shapes the launchers meet: the released models (DeepSeek-V3.2, GLM-5, GLM-4.5) and hal bench
@@ -66,6 +67,19 @@ SHAPES = {
     "quantize_weight": [  # name, N, K, w dtype
         ("weights bf16", 7168, 2048, "bf16"),
         ("weights fp32", 7168, 2048, "fp32"),
+    ],
+    "gated_delta_rule": [  # name, B, T, Hk, Hv, Dk, Dv, dtype, per-channel g, state slots, seq_lens
+        ("Qwen3.5 prefill (state slots, varlen)", 4, 4096, 16, 32, 128, 128, "bf16", False, True, True),
+        ("Qwen3.5 decode (state slots)", 64, 1, 16, 32, 128, 128, "bf16", False, True, False),
+        ("Qwen3.5 speculative decode (slots, varlen)", 16, 4, 16, 32, 128, 128, "bf16", False, True, True),
+        ("Kimi Linear KDA prefill", 1, 2048, 32, 32, 128, 128, "bf16", True, False, False),
+        ("Kimi Linear KDA decode (state slots)", 64, 1, 32, 32, 128, 128, "bf16", True, True, False),
+    ],
+    "causal_conv1d": [  # name, B, T, D, K, x dtype, state slots, seq_lens
+        ("Qwen3.5 prefill (q|k|v channels)", 1, 4096, 8192, 4, "bf16", False, False),
+        ("Qwen3.5 prefill (slots, varlen)", 4, 1024, 8192, 4, "bf16", True, True),
+        ("Qwen3.5 decode (slots)", 64, 1, 8192, 4, "bf16", True, False),
+        ("Kimi Linear prefill", 1, 2048, 12288, 4, "bf16", False, False),
     ],
 }
 
@@ -166,8 +180,45 @@ def _quantize_weight(name, N, K, dt):
                         dict(N=N, K=K, KB=L.cdiv(K, 128), block=128), {}, dict(BLOCK=128), 4, 3, False)
 
 
+def _gdr(name, B, T, Hk, Hv, Dk, Dv, dtype, per_channel, slots, lens):
+    from hal_cuda.op_gated_delta_rule import RECURRENT_WARPS, gdr_config, gdr_mode
+    cfg = gdr_config(Dk, Dv, interpret=False)
+    t = TORCH_TO_TRITON[dtype]
+    chunked = gdr_mode(T, per_channel) == "chunked"
+    const = dict(BLOCK_DK=cfg.BLOCK_DK, BLOCK_V=cfg.BLOCK_V, HAS_STATE=slots, HAS_INDEX=slots, HAS_LENS=lens,
+                 L2NORM=True, FAULT=0)
+    const.update(dict(C=cfg.C, PRECISION=cfg.PRECISION) if chunked else dict(PER_CHANNEL=per_channel))
+    return KernelConfig("_gdr_chunk_kernel" if chunked else "_gdr_recurrent_kernel", "hal_cuda.op_gated_delta_rule",
+                        [name], dict(q_ptr=t, k_ptr=t, v_ptr=t, g_ptr="fp32", beta_ptr=t, h0_ptr="fp32",
+                                     idx_ptr="i32", len_ptr="i32", out_ptr=t, ht_ptr="fp32"),
+                        dict(T=T, Hk=Hk, Hv=Hv, G=Hv // Hk, Dk=Dk, Dv=Dv), dict(scale=Dk ** -0.5), const,
+                        cfg.num_warps if chunked else RECURRENT_WARPS, 3 if chunked else 1, chunked)
+
+
+def _conv(name, B, T, D, K, dtype, slots, lens):
+    from hal_cuda.op_causal_conv1d import conv_config
+    cfg = conv_config(T, D, interpret=False)
+    t = TORCH_TO_TRITON[dtype]
+    return KernelConfig("_conv_kernel", "hal_cuda.op_causal_conv1d", [name],
+                        dict(x_ptr=t, w_ptr=t, bias_ptr=t, st_ptr=t, idx_ptr="i32", len_ptr="i32", out_ptr=t),
+                        dict(T=T, D=D, K=K, NTB=L.cdiv(T, cfg.BLOCK_T)), {},
+                        dict(HAS_BIAS=False, HAS_STATE=slots, HAS_INDEX=slots, HAS_LENS=lens, SILU=True,
+                             BLOCK_T=cfg.BLOCK_T, BLOCK_D=cfg.BLOCK_D), cfg.num_warps, 3, False)
+
+
+def _conv_state(name, B, T, D, K, dtype, slots, lens):
+    from hal_cuda.op_causal_conv1d import conv_config
+    cfg = conv_config(T, D, interpret=False)
+    t = TORCH_TO_TRITON[dtype]
+    return KernelConfig("_conv_state_kernel", "hal_cuda.op_causal_conv1d", [name],
+                        dict(x_ptr=t, st_ptr=t, idx_ptr="i32", len_ptr="i32", new_ptr=t), dict(T=T, D=D, W=K - 1), {},
+                        dict(HAS_STATE=slots, HAS_INDEX=slots, HAS_LENS=lens, BLOCK_D=cfg.BLOCK_D),
+                        cfg.num_warps, 3, False)
+
+
 _BUILDERS = {"attention": _attention, "indexer": _indexer, "fp8_gemm": _fp8_gemm, "grouped_gemm": _grouped,
-             "route": _route, "quantize": _quantize, "quantize_weight": _quantize_weight}
+             "route": _route, "quantize": _quantize, "quantize_weight": _quantize_weight,
+             "gated_delta_rule": (_gdr,), "causal_conv1d": (_conv, _conv_state)}
 
 
 def configurations(kernels: Optional[set] = None) -> list:
@@ -175,14 +226,16 @@ def configurations(kernels: Optional[set] = None) -> list:
     lead to the same compilation are merged into one entry (``shapes`` lists them)."""
     out = {}
     for family, rows in SHAPES.items():
+        builders = _BUILDERS[family] if isinstance(_BUILDERS[family], tuple) else (_BUILDERS[family],)
         for row in rows:
-            cfg = _BUILDERS[family](*row)
-            if kernels and cfg.kernel not in kernels:
-                continue
-            if cfg.key() in out:
-                out[cfg.key()].shapes.append(row[0])
-            else:
-                out[cfg.key()] = cfg
+            for build in builders:
+                cfg = build(*row)
+                if kernels and cfg.kernel not in kernels:
+                    continue
+                if cfg.key() in out:
+                    out[cfg.key()].shapes.append(row[0])
+                else:
+                    out[cfg.key()] = cfg
     return list(out.values())
 
 

@@ -8,7 +8,8 @@ import hal
 from hal.backend import Availability, Backend, OpCapability, distribution_version
 
 OPS = ("moe_route", "moe_dispatch", "moe_experts", "moe_combine", "moe_forward", "lightning_indexer",
-       "sparse_attention", "fp8_quantize", "fp8_quantize_weight", "fp8_gemm", "fp8_linear")
+       "sparse_attention", "fp8_quantize", "fp8_quantize_weight", "fp8_gemm", "fp8_linear", "gated_delta_rule",
+       "causal_conv1d")
 FP8_OPS = ("fp8_quantize", "fp8_quantize_weight", "fp8_gemm", "fp8_linear")
 FLOATS = ("float32", "bfloat16", "float16")
 
@@ -113,6 +114,12 @@ def _decline_fp8_indexer(reason):
     return supports
 
 
+def _gdr_supports(q, *args, **kwargs):
+    """Decline key dims whose state tile would not fit in registers (a GPU limit only)."""
+    from hal_cuda.op_gated_delta_rule import unsupported_reason
+    return unsupported_reason(q.shape[-1])
+
+
 def _float8():
     import torch
     return torch.float8_e4m3fn
@@ -138,6 +145,11 @@ def capability_table(cc) -> dict:
                                              "Triton kernel (tensor-core dots), running top-k per key chunk")
     caps["sparse_attention"] = OpCapability("native", FLOATS, "Triton sparse flash attention (tensor-core dots "
                                             "from 16 query heads per key head)")
+    caps["gated_delta_rule"] = OpCapability(
+        "native", FLOATS, "Triton chunked WY form (chunks of 64, tf32x3 tensor-core dots, state in registers) for "
+        "per-head g and more than 8 tokens; Triton recurrence for decode and per-channel g (KDA)"
+        + ("" if cc is None else "; Dk > 256 declined"), supports=None if cc is None else _gdr_supports)
+    caps["causal_conv1d"] = OpCapability("native", FLOATS, "Triton kernel (window read in place, fp32 taps)")
     reason = fp8_unavailable_reason(cc)
     if reason is not None:
         for op in FP8_OPS:

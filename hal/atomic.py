@@ -11,6 +11,7 @@ no longer running (:func:`remove_stale_temporaries`).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -86,20 +87,12 @@ def remove_stale_temporaries(folder) -> list[str]:
     return sorted(removed)
 
 
-def write_bytes(path, data: bytes, *, durable: bool = True, parents: bool = False,
-                clean_stale: bool = True) -> Path:
-    """Replace the file ``path`` with ``data`` atomically; returns ``path`` as a Path.
-
-    ``durable``: fsync the file before the rename and the folder after it (set False only for bulk
-    files whose integrity a durable index vouches for, e.g. golden vectors listed with checksums in
-    a manifest written last). ``parents``: create missing parent folders (mode from the umask);
-    otherwise a missing folder raises FileNotFoundError. ``clean_stale``: first remove temporary
-    files of killed writers from the folder. The new file's mode is ``0o666`` minus the umask.
-    Raises OSError (permission, disk full, missing folder) with nothing left behind.
-    """
+@contextlib.contextmanager
+def replacing(path, *, durable: bool = True, parents: bool = False, clean_stale: bool = True):
+    """``with replacing(path) as f: f.write(...)``: stream the new content of ``path`` into a binary
+    file that replaces ``path`` atomically when the block ends without an exception (and is
+    removed, leaving ``path`` as it was, when it raises). Options as :func:`write_bytes`."""
     path = Path(path)
-    if not isinstance(data, (bytes, bytearray, memoryview)):
-        raise TypeError(f"write_bytes: data: expected bytes, got {type(data).__name__}")
     folder = path.parent
     if parents:
         folder.mkdir(parents=True, exist_ok=True)
@@ -114,7 +107,7 @@ def write_bytes(path, data: bytes, *, durable: bool = True, parents: bool = Fals
             continue
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             if durable:
                 os.fsync(f.fileno())
@@ -127,7 +120,24 @@ def write_bytes(path, data: bytes, *, durable: bool = True, parents: bool = Fals
         raise
     if durable:
         fsync_dir(folder)
-    return path
+
+
+def write_bytes(path, data: bytes, *, durable: bool = True, parents: bool = False,
+                clean_stale: bool = True) -> Path:
+    """Replace the file ``path`` with ``data`` atomically; returns ``path`` as a Path.
+
+    ``durable``: fsync the file before the rename and the folder after it (set False only for bulk
+    files whose integrity a durable index vouches for, e.g. golden vectors listed with checksums in
+    a manifest written last). ``parents``: create missing parent folders (mode from the umask);
+    otherwise a missing folder raises FileNotFoundError. ``clean_stale``: first remove temporary
+    files of killed writers from the folder. The new file's mode is ``0o666`` minus the umask.
+    Raises OSError (permission, disk full, missing folder) with nothing left behind.
+    """
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise TypeError(f"write_bytes: data: expected bytes, got {type(data).__name__}")
+    with replacing(path, durable=durable, parents=parents, clean_stale=clean_stale) as f:
+        f.write(data)
+    return Path(path)
 
 
 def write_text(path, text: str, *, encoding: str = "utf-8", durable: bool = True, parents: bool = False,

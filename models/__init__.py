@@ -30,7 +30,7 @@ MLA_FORMS = ("auto", "absorbed", "expanded")
 def load(name_or_path, backend="auto", *, dtype=torch.float32, quantize=None, runtime=None,
          show_progress: bool = False, mla_form: str = "auto", ep_group: Optional[str] = None,
          tp_group: Optional[str] = None) -> CausalLM:
-    """Load a built-in model (``tiny-glm5``, ``tiny-deepseek-v32``, ``tiny-glm45``, ``tiny-qwen35``)
+    """Load a built-in model (``tiny-glm5``, ``tiny-deepseek-v32``, ``tiny-glm45``, ``tiny-qwen35``, ``tiny-kimi-linear``)
     or a Hugging Face model directory, bound to ``backend`` (a name, or an existing ``runtime``).
 
     dtype: torch.float32 / torch.bfloat16 (or their names) for the non-FP8 weights and activations.

@@ -21,12 +21,12 @@ PROMPTS = ([1, 17, 42, 99, 5, 230, 311, 64, 77, 128, 9, 400, 33, 250, 18, 71, 15
            [7, 300, 21, 64, 12, 5, 99, 401, 2, 56, 19])
 BUDGET = {"multiple": 2.0, "kl_mean_floor": 1e-4, "kl_max_floor": 1e-3, "top1_slack": 0.02}
 MODEL_OPS = ("moe_forward", "lightning_indexer", "sparse_attention")
-LINEAR_ATTENTION_OPS = ("moe_forward", "gated_delta_rule", "causal_conv1d")      # Qwen3.5
+LINEAR_ATTENTION_OPS = ("moe_forward", "gated_delta_rule", "causal_conv1d")      # Qwen3.5, Kimi Linear
 
 
 def model_ops(config) -> tuple:
     """The contract ops a model of ModelConfig ``config`` runs (besides FP8)."""
-    return LINEAR_ATTENTION_OPS if config.is_qwen35 else MODEL_OPS
+    return LINEAR_ATTENTION_OPS if config.is_qwen35 or config.is_kimi_linear else MODEL_OPS
 
 
 def working_dtype(rt, ops: tuple = MODEL_OPS) -> torch.dtype:

@@ -11,7 +11,7 @@ import json
 import os
 import stat
 from pathlib import Path, PurePosixPath
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -127,7 +127,7 @@ class _DictEntry:
         return tuple(self.t.shape)
 
     def read(self, index: Optional[tuple]) -> torch.Tensor:
-        return self.t if index is None else self.t[index]
+        return self.t if index is None else self.t[index].clone()      # a copy: the whole tensor is not kept
 
 
 class _SafetensorsEntry:
@@ -329,22 +329,34 @@ class _Builder:
                     self.src.skip(f"{prefix}.{e}.{proj}.weight", shape)
                     if self.src.has(f"{prefix}.{e}.{proj}.weight_scale_inv"):
                         self.src.skip(f"{prefix}.{e}.{proj}.weight_scale_inv")
-            gate = [self.linear(f"{prefix}.{e}.gate_proj", I, H, quantizable=False) for e in range(e0, e1)]
-            up = [self.linear(f"{prefix}.{e}.up_proj", I, H, quantizable=False) for e in range(e0, e1)]
-            down = [self.linear(f"{prefix}.{e}.down_proj", H, I, quantizable=False) for e in range(e0, e1)]
-            if gate[0].scale is not None:
-                if I % 128:
+            # each expert is written into the stacks as it is read: the peak is the stacks plus one expert
+            gu = dn = gus = dns = None
+            for j, e in enumerate(range(e0, e1)):
+                g, u, d = (self.linear(f"{prefix}.{e}.{proj}", *shape, quantizable=False)
+                           for proj, shape in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I))))
+                if g.scale is not None and I % 128:
                     # gate and up blocks would straddle one 128-row block once stacked: requantize
-                    deq = [self._dequant(g) for g in gate], [self._dequant(u) for u in up]
-                    pairs = [self.rt.fp8_quantize_weight(torch.cat([g, u])) for g, u in zip(*deq)]
-                    gu, gus = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+                    w, sc = self.rt.fp8_quantize_weight(torch.cat([self._dequant(g), self._dequant(u)]))
+                elif g.scale is not None:
+                    w, sc = torch.cat([g.weight, u.weight]), torch.cat([g.scale, u.scale])
                 else:
-                    gu = torch.stack([torch.cat([g.weight, u.weight]) for g, u in zip(gate, up)])
-                    gus = torch.stack([torch.cat([g.scale, u.scale]) for g, u in zip(gate, up)])
-                return gu, torch.stack([d.weight for d in down]), gus, torch.stack([d.scale for d in down])
-            gu = torch.stack([torch.cat([g.weight, u.weight]) for g, u in zip(gate, up)])
-            dn = torch.stack([d.weight for d in down])
-            gus = dns = None
+                    w, sc = torch.cat([g.weight, u.weight]), None
+                if j == 0:
+                    gu, dn = w.new_empty((e1 - e0, *w.shape)), d.weight.new_empty((e1 - e0, *d.weight.shape))
+                    gus = None if sc is None else sc.new_empty((e1 - e0, *sc.shape))
+                    dns = None if d.scale is None else d.scale.new_empty((e1 - e0, *d.scale.shape))
+                if (sc is None) != (gus is None) or (d.scale is None) != (dns is None) or w.dtype != gu.dtype \
+                        or d.weight.dtype != dn.dtype:
+                    raise CheckpointError(f"{self.src.where}: expert {e} of {prefix} is stored as "
+                                          f"{str(w.dtype).replace('torch.', '')}, expert {e0} as "
+                                          f"{str(gu.dtype).replace('torch.', '')}: every expert must have one format")
+                gu[j], dn[j] = w, d.weight
+                if sc is not None:
+                    gus[j] = sc
+                if d.scale is not None:
+                    dns[j] = d.scale
+            if gus is not None:
+                return gu, dn, gus, dns
         if self.quantize == "fp8":
             q = [self.rt.fp8_quantize_weight(w) for w in gu]
             d = [self.rt.fp8_quantize_weight(w) for w in dn]

@@ -17,9 +17,12 @@ def test_the_models_level_holds_every_models_calls_with_their_real_arguments():
     by_model = {}
     for c in cases:
         by_model.setdefault(c.tags[1], set()).add(c.op)
-    assert set(by_model) == {"tiny-glm5", "tiny-deepseek-v32", "tiny-glm45", "tiny-qwen35"}
+    assert set(by_model) == {"tiny-glm5", "tiny-deepseek-v32", "tiny-glm45", "tiny-qwen35", "tiny-kimi-linear"}
     assert {"moe_forward", "lightning_indexer", "sparse_attention"} <= by_model["tiny-glm5"]
     assert by_model["tiny-qwen35"] == {"moe_forward", "causal_conv1d", "gated_delta_rule"}
+    assert by_model["tiny-kimi-linear"] == {"moe_forward", "causal_conv1d", "gated_delta_rule"}
+    kda = [c.materialize(0) for c in cases if c.tags[1] == "tiny-kimi-linear" and c.op == "gated_delta_rule"]
+    assert all(args[3].dim() == 4 for args, _ in kda)          # KDA: a per-channel log-decay [B, T, H, Dk]
     linear = [c for c in cases if c.tags[1] == "tiny-qwen35" and c.op == "gated_delta_rule"]
     # prefill: right-padded lengths from zero state; decode: one token on the carried state
     assert any(kw["seq_lens"].tolist() == [12, 5] and kw["initial_state"] is None

@@ -43,12 +43,14 @@ def test_probe_says_why_cuda_is_unavailable_here():
 def test_every_triton_kernel_passes_conformance_under_the_interpreter(tmp_path):
     from hal_cuda.plugin import OPS
     out = _run([sys.executable, "-m", "hal.cli", "conformance", "--backend", "cuda", "--level", "quick", "--json",
-                "--ops", ",".join(OPS), "--report-dir", str(tmp_path)])
+                "--ops", ",".join(OPS), "--world-size", "2", "--report-dir", str(tmp_path)])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     report = json.loads(out.stdout)
     b = report["backends"][0]
     assert b["label"] == "cuda (Triton interpreter, no GPU)"
     assert b["counts"]["PASS"] == report["summary"]["total"] and report["summary"]["total"] >= 90
+    # the expert-parallel ops also on 2 gloo ranks (the interpreter's tensors are CPU tensors)
+    assert sum(r["case"].startswith("world2/") and r["status"] == "PASS" for r in b["results"]) == 6
     assert {p["path"] for p in b["plan"] if p["op"] in OPS} == {"native"}
 
 

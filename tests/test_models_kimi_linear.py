@@ -53,6 +53,16 @@ def models(tmp_path_factory):
     return {"theirs": theirs, "released": root / "released", "modules": root / "modules"}
 
 
+def _their_logits(models, ids: list) -> torch.Tensor:
+    """transformers' fp32 prefill logits [T, vocab] for one prompt (computed once per prompt: its
+    chunked KDA is slow in Python)."""
+    cache = models.setdefault("logits", {})
+    if tuple(ids) not in cache:
+        with torch.no_grad():
+            cache[tuple(ids)] = models["theirs"](torch.tensor([ids])).logits[0]
+    return cache[tuple(ids)]
+
+
 def _rel(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max())
 
@@ -62,8 +72,8 @@ def test_prefill_logits_and_16_greedy_tokens_match_transformers(models):
     assert ours.config.model_type == "kimi_linear" and ours.unused_tensors == []
     assert ours.config.layer_types == ("linear_attention", "linear_attention", "full_attention", "linear_attention")
     ids = _prompt(T_LONG, 1)
+    want = _their_logits(models, ids)
     with torch.no_grad():
-        want = models["theirs"](torch.tensor([ids])).logits[0]
         theirs = models["theirs"].generate(torch.tensor([ids]), max_new_tokens=16, do_sample=False)[0, T_LONG:]
     res = M.generate(ours, [ids], max_new_tokens=16, eos_token_id=[])
     assert _rel(res.prefill_logits[0], want) <= 1e-4
@@ -80,12 +90,10 @@ def test_batched_prompts_of_different_lengths(models):
     the MLA layer) give each prompt's own logits, equal to transformers' prompt by prompt, and its
     own tokens (those of the prompt alone, which the test above holds to transformers' generate)."""
     ours = M.load(models["released"], "cpu")
-    prompts = [_prompt(T_LONG, 3), _prompt(9, 4), _prompt(40, 5)]
+    prompts = [_prompt(9, 4), _prompt(T_LONG, 1), _prompt(40, 5)]
     res = M.generate(ours, prompts, max_new_tokens=6, eos_token_id=[])
     for b, p in enumerate(prompts):
-        with torch.no_grad():
-            want = models["theirs"](torch.tensor([p])).logits[0]
-        assert _rel(res.prefill_logits[b, :len(p)], want) <= 1e-4
+        assert _rel(res.prefill_logits[b, :len(p)], _their_logits(models, p)) <= 1e-4
         assert res.tokens[b] == M.generate(ours, [p], max_new_tokens=6, eos_token_id=[]).tokens[0]
 
 
@@ -105,6 +113,17 @@ def test_absorbed_and_expanded_mla_agree(models):
                             eos_token_id=[]) for form in ("absorbed", "expanded")}
     assert _rel(got["absorbed"].prefill_logits[0], got["expanded"].prefill_logits[0]) <= 1e-5
     assert got["absorbed"].tokens == got["expanded"].tokens
+
+
+def test_bf16_is_as_close_to_fp32_as_transformers_own_bf16(models):
+    ids = _prompt(T_LONG, 1)
+    truth = _their_logits(models, ids)
+    with torch.no_grad():
+        theirs = transformers.KimiLinearForCausalLM.from_pretrained(models["released"], dtype=torch.bfloat16).eval()
+        theirs_err = (theirs(torch.tensor([ids])).logits[0].float() - truth).abs().max()
+    ours = M.generate(M.load(models["released"], "cpu", dtype="bfloat16"), [ids], max_new_tokens=1,
+                      eos_token_id=[]).prefill_logits[0]
+    assert (ours - truth).abs().max() <= 3 * theirs_err
 
 
 def test_released_config_names_and_defaults_match_kimi_linear_config():

@@ -187,22 +187,40 @@ BIG = {**CONFIGS["tiny-glm45"], "hidden_size": 1024, "moe_intermediate_size": 51
        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128, "num_hidden_layers": 4}
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
 def _peak_rss_mb(rank: int, world: int, folder: str, tp_size: int):
-    """(peak RSS growth during the load in MB, MB of tensors the model holds) on this rank.
-    Peak RSS: ru_maxrss (kB on Linux) after the load minus the RSS just before it."""
-    import resource
+    """On this rank: (peak RSS growth during the load, peak anonymous-RSS growth, MB of tensors
+    the model holds). Peak RSS: VmHWM after the load, its high-water mark reset just before
+    (``/proc/self/clear_refs``), minus VmRSS then; the runtime and its imports are made first.
+    (Not ru_maxrss: it survives execve, so a spawned rank would inherit its parent's peak.) The
+    anonymous peak (RssAnon, sampled every 2 ms) leaves out the checkpoint's page-cache pages that
+    the mmap reads map into the process (shared by all ranks of a node)."""
+    import threading
 
     from hal import distributed
     from hal.models.parallel import tp_group
-
-    def rss_kb():
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
     group = distributed.ep_group() if world > 1 else None
     tp = tp_group(tp_size) if world > 1 else tp_group(1)
-    before = rss_kb()
-    model = M.load(folder, "cpu", ep_group=group.name if group else None, tp_group=tp.name)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rt = hal.runtime("cpu", profile=True)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before, anon0 = _status_kb("VmRSS"), _status_kb("RssAnon")
+    anon_peak, done = [anon0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            anon_peak[0] = max(anon_peak[0], _status_kb("RssAnon"))
+            done.wait(0.002)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    model = M.load(folder, "cpu", runtime=rt, ep_group=group.name if group else None, tp_group=tp.name)
+    done.set()
+    sampler.join()
+    peak = _status_kb("VmHWM")
     held = 0
     seen = set()
 
@@ -222,7 +240,7 @@ def _peak_rss_mb(rank: int, world: int, folder: str, tp_size: int):
         walk(layer)
     for t in (model.embed, model.norm, model.lm_head):
         add(t)
-    return (peak - before) / 1024, held / 2**20
+    return (peak - before) / 1024, (anon_peak[0] - anon0) / 1024, held / 2**20
 
 
 def measure():
@@ -236,10 +254,9 @@ def measure():
         for world, tp_size in ((1, 1), (4, 1), (4, 2), (4, 4)):
             t0 = time.time()
             res = run_ranks(_peak_rss_mb, world, str(folder), tp_size, timeout_s=600)
-            peaks = ", ".join(f"{p:.0f}" for p, _ in res)
-            helds = ", ".join(f"{h:.0f}" for _, h in res)
-            print(f"W={world} TP={tp_size}: peak RSS growth per rank (MB) [{peaks}], model tensors held (MB) "
-                  f"[{helds}] ({time.time() - t0:.0f} s)")
+            cols = [", ".join(f"{r[i]:.0f}" for r in res) for i in range(3)]
+            print(f"W={world} TP={tp_size}: per rank, MB: peak RSS growth [{cols[0]}], peak anonymous RSS growth "
+                  f"[{cols[1]}], model tensors held [{cols[2]}] ({time.time() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

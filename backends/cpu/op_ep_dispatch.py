@@ -2,7 +2,7 @@
 counts, then the rows, their scales and their (token, slot, expert), and sort what arrived."""
 import torch
 
-from hal.contract.expert_parallel import SCALE_BLOCK, _group, owner_of_experts
+from hal.contract.expert_parallel import _group, owner_of_experts
 from hal.distributed import exchange_counts, exchange_rows
 from hal.errors import ContractError
 
@@ -13,8 +13,7 @@ def ep_dispatch(x, topk_ids, *, num_experts, group="local", x_scale=None, expert
         # R, the rows this rank receives, is a function of every rank's topk_ids values, which meta tensors lack
         raise ContractError("ep_dispatch", "x", "tensors with data (R is a function of the values of topk_ids; "
                             "torch.ops.hal.ep_dispatch traces with a symbolic R)", "device meta")
-    W, T, H = ep.world_size, x.shape[0], x.shape[1]
-    k = topk_ids.shape[1]
+    W, T = ep.world_size, x.shape[0]
     owner = owner_of_experts(num_experts, W, None if expert_map is None else expert_map.cpu())
     ids = topk_ids.long().cpu()
     token, slot = torch.nonzero(ids >= 0, as_tuple=True)          # every live (t, j), t-major then j

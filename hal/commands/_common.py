@@ -65,3 +65,27 @@ def missing_module_exit(exc: ImportError, what: str, *, as_json: bool = False) -
         raise exc
     fail(f"{what} needs {name}, not installed: pip install 'hal[{EXTRA_OF_MODULE[name]}]'", EXIT_USAGE,
          as_json=as_json, missing_extra=True)
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's message on one line (its type's name when it has none)."""
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def file_target(ctx, param, value):
+    """click callback for an output file option: ``value`` must name a file (not a folder) in an
+    existing, writable folder; checked before anything is loaded or computed, so a bad path costs
+    nothing and writes nothing. None passes through (an optional option left out)."""
+    import os
+
+    import click
+    if value is None:
+        return None
+    folder = os.path.dirname(os.path.abspath(value))
+    if os.path.isdir(value):
+        raise click.BadParameter(f"{value!r} is a folder; give a file name in it", param=param)
+    if not os.path.isdir(folder):
+        raise click.BadParameter(f"folder {folder!r} does not exist", param=param)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise click.BadParameter(f"folder {folder!r} is not writable", param=param)
+    return value

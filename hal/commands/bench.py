@@ -109,7 +109,7 @@ def overhead(ops, number, repeat, as_json):
                    f"{r['cpu_data_checks_us']:>16.2f} {r['checked_outputs_us']:>12.2f}  "
                    + ("met" if r["goal_met"] else "MISSED"))
     missed = [r["op"] for r in rows if not r["goal_met"]]
-    click.echo(f"goal: <= 2 µs added per call (rt_added and ops_added): "
+    click.echo("goal: <= 2 µs added per call (rt_added and ops_added): "
                + (f"MISSED by {', '.join(missed)}" if missed else f"met by all {len(rows)} ops")
                + f"; python {env['python']}, torch {env['torch']}, {env['machine']}, "
                f"validate = the contract check alone (cached per call signature in bound ops)")

@@ -1,31 +1,12 @@
 """``hal export``: write a HAL model in another runtime's format (today: ``hal export onnx``)."""
 from __future__ import annotations
 
-import os
 import sys
 
 import click
 
 from hal.cli import EXIT_FAILED, EXIT_INPUT
-from hal.commands._common import emit_json, fail, missing_module_exit, require_extra
-
-
-def _out_target(ctx, param, value):
-    """click callback: --out must name a file in an existing, writable folder (checked before
-    anything is loaded, so a bad path costs nothing and writes nothing)."""
-    folder = os.path.dirname(os.path.abspath(value))
-    if os.path.isdir(value):
-        raise click.BadParameter(f"{value!r} is a folder; give a file name such as {os.path.join(value, 'model.onnx')}",
-                                 param=param)
-    if not os.path.isdir(folder):
-        raise click.BadParameter(f"folder {folder!r} does not exist", param=param)
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise click.BadParameter(f"folder {folder!r} is not writable", param=param)
-    return value
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+from hal.commands._common import emit_json, fail, file_target, one_line, missing_module_exit, require_extra
 
 
 @click.group()
@@ -40,7 +21,7 @@ def export():
 @export.command("onnx")
 @click.option("--model", "-m", "model_name", required=True, metavar="NAME|DIR",
               help="Built-in model (tiny-glm45, tiny-glm5, tiny-deepseek-v32) or a Hugging Face model folder.")
-@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), callback=_out_target,
+@click.option("--out", "-o", required=True, type=click.Path(dir_okay=False), callback=file_target,
               help="The .onnx file to write (its folder must exist); replaced atomically.")
 @click.option("--opset", type=click.IntRange(18, 23), default=21, show_default=True, help="ONNX opset (18-23).")
 @click.option("--quantize", type=click.Choice(["fp8"]), default=None,
@@ -89,7 +70,7 @@ def onnx(model_name, out, opset, quantize, check, seq, seed, as_json):
     try:
         model = M.load(model_name, "cpu", dtype=torch.float32, quantize=quantize)
     except (M.CheckpointError, M.ModelConfigError, OSError) as exc:
-        fail(f"model {model_name!r}: {_one_line(exc)}", EXIT_INPUT, as_json=as_json)
+        fail(f"model {model_name!r}: {one_line(exc)}", EXIT_INPUT, as_json=as_json)
     try:
         exported = build_graph(model, opset=opset, name=f"hal_{model.config.model_type}")
     except ExportError as exc:
@@ -101,7 +82,7 @@ def onnx(model_name, out, opset, quantize, check, seq, seed, as_json):
     try:
         saved = save_model(exported.model, out)
     except OSError as exc:
-        fail(f"cannot write {out}: {exc.strerror or _one_line(exc)}; nothing was written", EXIT_INPUT, as_json=as_json)
+        fail(f"cannot write {out}: {exc.strerror or one_line(exc)}; nothing was written", EXIT_INPUT, as_json=as_json)
     import onnx as onnx_pkg
     result = {"model": model_name, **exported.info, "out": saved["path"], "bytes": saved["bytes"],
               "external_data": saved["external_data"], "onnx_version": onnx_pkg.__version__, "check": None}

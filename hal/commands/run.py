@@ -8,7 +8,7 @@ import sys
 import click
 
 from hal.cli import EXIT_BACKEND, EXIT_INPUT, EXIT_USAGE
-from hal.commands._common import emit_json, fail
+from hal.commands._common import emit_json, fail, file_target, one_line
 
 
 def _parse_ids(text: str) -> list[list[int]]:
@@ -27,27 +27,10 @@ def _finite(ctx, param, value):
     return value
 
 
-def _logits_target(ctx, param, value):
-    """click callback: --logits-out must name a file in an existing, writable folder; checked
-    before anything is loaded or generated, so a bad path costs nothing and writes nothing."""
-    if value is None:
-        return None
-    folder = os.path.dirname(os.path.abspath(value))
-    if not os.path.isdir(folder):
-        raise click.BadParameter(f"folder {folder!r} does not exist", param=param)
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise click.BadParameter(f"folder {folder!r} is not writable", param=param)
-    return value
-
-
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
-
-
 @click.command()
 @click.option("--backend", "-b", default="auto", show_default=True, help="Backend name, or auto (best available).")
 @click.option("--model", "-m", "model_name", default="tiny-glm5", show_default=True,
-              help="Built-in model (tiny-glm5, tiny-deepseek-v32, tiny-glm45, tiny-qwen35) or a Hugging Face model "
+              help="Built-in model (tiny-glm5, tiny-deepseek-v32, tiny-glm45, tiny-qwen35, tiny-kimi-linear) or a Hugging Face model "
               "folder.")
 @click.option("--prompt", "prompts", multiple=True,
               help="Prompt text (built-in models: their small tokenizer; a folder: its tokenizer.json); repeatable.")
@@ -61,7 +44,7 @@ def _one_line(exc: BaseException) -> str:
 @click.option("--quantize", type=click.Choice(["fp8"]), default=None, help="Quantize weights to 128x128 block FP8 on load.")
 @click.option("--mla-form", type=click.Choice(["auto", "absorbed", "expanded"]), default="auto", show_default=True,
               help="MLA models: auto = expanded prefill + absorbed decode; absorbed / expanded force one form.")
-@click.option("--logits-out", type=click.Path(dir_okay=False), callback=_logits_target,
+@click.option("--logits-out", type=click.Path(dir_okay=False), callback=file_target,
               help="Write the prompt's prefill logits [B, S, vocab] (.npy) into an existing folder.")
 @click.option("--nproc-per-node", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Run on N local ranks (torch.distributed.run): the routed experts expert-parallel over the ranks, "
@@ -123,7 +106,7 @@ def run(backend, model_name, prompts, prompt_ids, max_new_tokens, temperature, t
         fail(rank_prefix() + str(exc), EXIT_BACKEND, as_json=as_json, backend=exc.backend, status=exc.status,
              reason=exc.reason)
     except (M.CheckpointError, M.ModelConfigError, OSError, ValueError) as exc:
-        fail(rank_prefix() + _one_line(exc), EXIT_INPUT, as_json=as_json)
+        fail(rank_prefix() + one_line(exc), EXIT_INPUT, as_json=as_json)
     if prompts:
         if model.tokenizer is None:
             why = "the tokenizers package is not installed (pip install 'hal[models]')" \
@@ -135,14 +118,14 @@ def run(backend, model_name, prompts, prompt_ids, max_new_tokens, temperature, t
     try:
         res = M.generate(model, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed)
     except M.PromptError as exc:
-        fail(rank_prefix() + _one_line(exc), EXIT_INPUT, as_json=as_json)
+        fail(rank_prefix() + one_line(exc), EXIT_INPUT, as_json=as_json)
     if quiet:
         return
     if logits_out:
         try:
             np.save(logits_out, res.prefill_logits.numpy())
         except OSError as exc:
-            fail(f"--logits-out {logits_out}: {_one_line(exc)}", EXIT_USAGE, as_json=as_json)
+            fail(f"--logits-out {logits_out}: {one_line(exc)}", EXIT_USAGE, as_json=as_json)
     texts = [model.tokenizer.decode(t) for t in res.tokens] if model.tokenizer is not None else None
     prompt_texts = [model.tokenizer.decode(p) for p in res.prompts] if model.tokenizer is not None else None
     rt = model.rt

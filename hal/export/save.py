@@ -3,7 +3,6 @@ never a part (:mod:`hal.atomic`). Models over protobuf's 2 GiB limit keep their 
 initializers in ``NAME.data`` next to the model (ONNX external data), written first, also atomically."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from onnx import TensorProto
@@ -17,32 +16,21 @@ EXTERNAL_MIN_BYTES = 1024           # initializers at least this big go to the d
 def _externalize(proto, data_path: Path) -> int:
     """Move every large initializer's bytes into ``data_path`` (atomically); the tensors then
     point at it by its file name. Returns the bytes written."""
-    folder, location = data_path.parent, data_path.name
-    tmp = folder / atomic.temporary_name(location)
+    location = data_path.name
     offset = 0
-    try:
-        with open(tmp, "xb") as f:
-            for t in proto.graph.initializer:
-                if not t.HasField("raw_data") or len(t.raw_data) < EXTERNAL_MIN_BYTES:
-                    continue
-                raw = t.raw_data
-                f.write(raw)
-                del t.external_data[:]
-                for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
-                    entry = t.external_data.add()
-                    entry.key, entry.value = key, value
-                t.data_location = TensorProto.EXTERNAL
-                t.ClearField("raw_data")
-                offset += len(raw)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, data_path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic.replacing(data_path) as f:
+        for t in proto.graph.initializer:
+            if not t.HasField("raw_data") or len(t.raw_data) < EXTERNAL_MIN_BYTES:
+                continue
+            raw = t.raw_data
+            f.write(raw)
+            del t.external_data[:]
+            for key, value in (("location", location), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, value
+            t.data_location = TensorProto.EXTERNAL
+            t.ClearField("raw_data")
+            offset += len(raw)
     return offset
 
 

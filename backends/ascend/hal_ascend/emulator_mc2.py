@@ -44,10 +44,11 @@ def _group(op, group_ep, ep_world_size, ep_rank_id):
     return ep
 
 
-def _common(op, x_or_expand, expert_ids, ep_world_size, moe_expert_num, x_active_mask, tp_world_size,
+def _common(op, x_or_expand, expert_ids, ep_world_size, ep_rank_id, moe_expert_num, x_active_mask, tp_world_size,
             shared_expert_num, shared_expert_rank_num, expert_shard_type, comm_alg, zero_expert_num, copy_expert_num,
             const_expert_num, elastic_info, performance_info):
     """The argument rules both ops share; returns (BS, K, local_expert_num, active [BS, K] bool)."""
+    _need(0 <= ep_rank_id < ep_world_size, op, f"ep_rank_id={ep_rank_id} outside [0, ep_world_size={ep_world_size})")
     lim = mc2_limits(_soc())
     _need(lim is not None, op, f"documented for Atlas A2/A3 only (emulating {_soc()})")
     _need(x_or_expand.dim() == 2 and x_or_expand.dtype in (torch.bfloat16, torch.float16), op,
@@ -102,16 +103,16 @@ def npu_moe_distribute_dispatch_v2(x, expert_ids, group_ep, ep_world_size, ep_ra
     [tp_world_size] int32, expand_scales [0] fp32), A = global_bs * min(local_expert_num, K)
     with global_bs defaulting to BS * W. quant_mode 0 only: the rows arrive bit for bit."""
     op = "npu_moe_distribute_dispatch_v2"
-    BS, K, L, active = _common(op, x, expert_ids, ep_world_size, moe_expert_num, x_active_mask, tp_world_size,
-                               shared_expert_num, shared_expert_rank_num, expert_shard_type, comm_alg, zero_expert_num,
-                               copy_expert_num, const_expert_num, elastic_info, performance_info)
+    BS, K, L, active = _common(op, x, expert_ids, ep_world_size, ep_rank_id, moe_expert_num, x_active_mask,
+                               tp_world_size, shared_expert_num, shared_expert_rank_num, expert_shard_type, comm_alg,
+                               zero_expert_num, copy_expert_num, const_expert_num, elastic_info, performance_info)
     _need(quant_mode == 0 and scales is None and y_dtype is None and x_dtype is None and scales_dtype is None, op,
           "only quant_mode 0 (no quantization) is emulated")
     _need(expert_scales is None, op, "expert_scales is not supported on A3 (and not emulated)")
     _need(expert_token_nums_type in (0, 1), op, "expert_token_nums_type must be 0 or 1")
     ep = _group(op, group_ep, ep_world_size, ep_rank_id)
     gbs = global_bs or BS * ep_world_size
-    _need(BS * ep_world_size <= gbs if global_bs else True, op,
+    _need(BS * ep_world_size <= gbs, op,
           f"BS={BS} exceeds global_bs / ep_world_size = {gbs // ep_world_size}")
     A = gbs * min(L, K)
     H = x.shape[1]
@@ -162,12 +163,13 @@ def npu_moe_distribute_combine_v2(expand_x, expert_ids, assist_info_for_combine,
     active slots (expert_scales [BS, K] fp32), in fp32 and slot order, rounded once (assumption).
     assist_info_for_combine / ep_send_counts: the dispatch's outputs for the same call."""
     op = "npu_moe_distribute_combine_v2"
-    BS, K, L, active = _common(op, expand_x, expert_ids, ep_world_size, moe_expert_num, x_active_mask, tp_world_size,
-                               shared_expert_num, shared_expert_rank_num, expert_shard_type, comm_alg, zero_expert_num,
-                               copy_expert_num, const_expert_num, elastic_info, performance_info)
+    BS, K, L, active = _common(op, expand_x, expert_ids, ep_world_size, ep_rank_id, moe_expert_num, x_active_mask,
+                               tp_world_size, shared_expert_num, shared_expert_rank_num, expert_shard_type, comm_alg,
+                               zero_expert_num, copy_expert_num, const_expert_num, elastic_info, performance_info)
     _need(comm_quant_mode == 0, op, "comm_quant_mode 2 (int8 communication) is not emulated")
     _need(all(t is None for t in (expand_scales, shared_expert_x, ori_x, const_expert_alpha_1, const_expert_alpha_2,
-                                  const_expert_v)), op, "expand_scales / shared_expert_x / special experts not emulated")
+                                  const_expert_v)), op,
+          "expand_scales / shared_expert_x / special experts are not emulated")
     _need(expert_scales.dtype == torch.float32 and tuple(expert_scales.shape) == (BS, K), op,
           "expert_scales must be [BS, K] float32")
     _need(assist_info_for_combine.dtype == torch.int32 and ep_send_counts.dtype == torch.int32

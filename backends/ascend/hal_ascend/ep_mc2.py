@@ -17,9 +17,9 @@ Mapping (details in docs/ascend.md, "Expert parallelism on MC2"):
   the docs require for a masked batch) and marks padding tokens and -1 slots inactive in a
   [BS, K] ``x_active_mask``; -1 slots get an unused expert id (the K ids must differ);
 - received rows are sorted into the contract's order (local expert, s, t, j); the permutation
-  and MC2's handle (assist_info, ep_recv_counts, the ids and mask) are kept per group for the
-  next ``ep_combine``, which puts the expert outputs back in MC2's order and hands the
-  routing weights to MC2 as ``expert_scales``. fp32 expert outputs do not go to MC2 (it returns
+  and MC2's handle (assist_info, ep_recv_counts, the ids and mask) are kept per group (the last
+  four dispatches) for the ``ep_combine`` given that dispatch's recv_source, which puts the
+  expert outputs back in MC2's order and hands the routing weights to MC2 as ``expert_scales``. fp32 expert outputs do not go to MC2 (it returns
   16-bit sums, an error far above the contract's budget): they take the reference's
   all_to_all_single over the group's process group (HCCL on an NPU) and fp32 weighting.
 """
@@ -42,6 +42,12 @@ MC2_DTYPES = (torch.bfloat16, torch.float16)   # what npu_moe_distribute_combine
 META_FIXED = 2                   # int32 (source rank, token) before the K expert ids
 
 
+def no_tp_args(name: str) -> dict:
+    """No TP domain, spelled as vllm-ascend's MC2 dispatcher spells it on A3 (group_tp = the EP
+    communicator, tp_world_size 1, tp_rank_id 0)."""
+    return {"group_tp": name, "tp_world_size": 1, "tp_rank_id": 0}
+
+
 @dataclasses.dataclass
 class Handle:
     """What the combine needs from the group's last MC2 dispatch."""
@@ -60,7 +66,21 @@ class Handle:
     num_experts: int
 
 
-HANDLES: dict[str, Handle] = {}
+HANDLES: dict[str, list] = {}   # per group, the last KEPT_HANDLES dispatches' handles, newest last
+KEPT_HANDLES = 4                 # dispatches in flight before their combines (e.g. two micro-batches per layer)
+
+
+def _handle_for(group: str, recv_source) -> Optional[Handle]:
+    """The handle of the dispatch that returned ``recv_source`` (the same tensor, else equal
+    values), else the newest one (recv_source may then be a reordering of its rows)."""
+    kept = HANDLES.get(group) or []
+    for h in reversed(kept):
+        if h.source is recv_source:
+            return h
+    for h in reversed(kept):
+        if tuple(h.source.shape) == tuple(recv_source.shape) and torch.equal(h.source, recv_source.to(h.source.dtype)):
+            return h
+    return kept[-1] if kept else None
 
 
 def _a3():
@@ -107,7 +127,8 @@ def mc2_expert_ids(num_experts: int, world: int, expert_map: Optional[torch.Tens
 
 def _soc_reason(soc: str) -> Optional[str]:
     if mc2_limits(soc) is None:
-        return f"the MC2 ops (npu_moe_distribute_dispatch_v2 / combine_v2) are documented for Atlas A2/A3 only (not {soc})"
+        return ("the MC2 ops (npu_moe_distribute_dispatch_v2 / combine_v2) are documented for Atlas A2/A3 only "
+                f"(not {soc})")
     if mc2_limits(soc).expand_scales_required:
         return ("on Atlas A2 npu_moe_distribute_combine_v2 requires expand_scales, the dispatch's copy of the routing "
                 "weights (expert_scales), which the contract's ep_dispatch does not receive; and A2's x_active_mask "
@@ -115,13 +136,19 @@ def _soc_reason(soc: str) -> Optional[str]:
     return None
 
 
+def one_process(group: str) -> bool:
+    """Whether ``group`` is a one-process group (``"local"``): nothing to exchange, no MC2."""
+    from hal import distributed
+    ep = distributed.get_ep_group(group)
+    return ep is None or ep.process_group is None
+
+
 def _group_reason(group: str) -> tuple[Optional[str], int]:
     from hal import distributed
     ep = distributed.get_ep_group(group)
     W = ep.world_size if ep is not None else 1
     if W not in _a3().world_sizes:
-        return (f"MC2 needs an EP group of 2 to 384 ranks on Atlas A3 (group {group!r} has {W}; the one-process "
-                "group 'local' has no communicator)"), W
+        return f"MC2 takes an EP group of 2 to 384 ranks on Atlas A3 (group {group!r} has {W})", W
     return None, W
 
 
@@ -135,6 +162,8 @@ def dispatch_supports(x, topk_ids, *, num_experts, group, x_scale, expert_map, s
     only what every rank of the group has in common (E, k, H, dtype, W), so the ranks decline
     together; what depends on one rank's tokens (T, duplicate ids) the kernel checks after
     agreeing on it with the group."""
+    if one_process(group):
+        return None                  # no exchange: the reference's torch ops on the device (see ep_dispatch)
     why = _soc_reason(soc)
     if why:
         return why
@@ -142,8 +171,7 @@ def dispatch_supports(x, topk_ids, *, num_experts, group, x_scale, expert_map, s
     if why:
         return why
     lim = _a3()
-    T, H = x.shape
-    k = topk_ids.shape[1]
+    H, k = x.shape[1], topk_ids.shape[1]
     max_bs = _max_bs_env()
     if max_bs is not None and not 1 <= max_bs <= lim.max_bs:
         return f"{EP_MAX_BS_ENV}={max_bs}: MC2 takes 1 to {lim.max_bs} tokens per rank on Atlas A3"
@@ -171,6 +199,8 @@ def buffer_reason(local_experts: int, max_bs: int, world: int, width: int, k: in
 
 def combine_supports(expert_out, recv_source, topk_weights, *, group, soc="A3"):
     """None, or why ``ep_combine`` cannot run on MC2 within the contract's budget."""
+    if one_process(group):
+        return None
     why = _soc_reason(soc)
     if why:
         return why
@@ -181,7 +211,8 @@ def combine_supports(expert_out, recv_source, topk_weights, *, group, soc="A3"):
         return None                  # the all-to-all path (see ep_combine): no MC2 limit applies
     if padded_width(expert_out.shape[1]) > _a3().max_h:
         return f"H={expert_out.shape[1]}: MC2's combine takes H <= {_a3().max_h}"
-    h = HANDLES.get(group)
+    kept = HANDLES.get(group)
+    h = next((c for c in reversed(kept or []) if c.source is recv_source), kept[-1] if kept else None)
     if h is None:
         return (f"MC2's combine returns rows along its dispatch's path (assist_info_for_combine, ep_recv_counts): "
                 f"group {group!r} has no preceding ep_dispatch on this backend")
@@ -220,7 +251,12 @@ def _key(source: torch.Tensor, tokens: int, k: int) -> torch.Tensor:
 
 def ep_dispatch(x, topk_ids, *, num_experts, group, x_scale, expert_map):
     """See the module docstring. One all-reduce (the group's largest batch, duplicate ids) and
-    one host sync for R."""
+    one host sync for R. The one-process group ("local") exchanges nothing: the reference's torch
+    ops on the device, no MC2 (it takes 2 ranks or more)."""
+    if one_process(group):
+        from hal.backends.cpu import KERNELS
+        return KERNELS["ep_dispatch"](x, topk_ids, num_experts=num_experts, group=group, x_scale=x_scale,
+                                      expert_map=expert_map)
     from hal import distributed
     ep = distributed.get_ep_group(group)
     W, rank, dev = ep.world_size, ep.rank, x.device
@@ -266,7 +302,7 @@ def ep_dispatch(x, topk_ids, *, num_experts, group, x_scale, expert_map):
     name = hccl_group_name(group)
     expand_x, _, assist, token_nums, ep_recv, tp_recv, _ = npu().npu_moe_distribute_dispatch_v2(
         payload, mc2_ids, name, W, rank, E, x_active_mask=mask, shared_expert_num=0, global_bs=BS * W,
-        expert_token_nums_type=1)
+        expert_token_nums_type=1, **no_tp_args(name))
     counts = token_nums.to(torch.int64)
     R = int(counts.sum())
     got = expand_x[:R].contiguous().view(torch.uint8)
@@ -282,23 +318,24 @@ def ep_dispatch(x, topk_ids, *, num_experts, group, x_scale, expert_map):
     source = torch.stack([info[:, 0], info[:, 1], slot], 1)
     perm = torch.sort((local * W + source[:, 0]) * (BS + 1) * k + source[:, 1] * k + source[:, 2]).indices
     source = source[perm].to(torch.int32)
-    HANDLES[group] = Handle(name, source, perm, mc2_ids, mask, assist, ep_recv, tp_recv, expand_x.shape[0], BS * W,
-                            T, E)
+    kept = HANDLES.setdefault(group, [])
+    kept.append(Handle(name, source, perm, mc2_ids, mask, assist, ep_recv, tp_recv, expand_x.shape[0], BS * W, T, E))
+    del kept[:-KEPT_HANDLES]
     return recv_x[perm], recv_scale[perm], counts.to(torch.int32), source
 
 
 def ep_combine(expert_out, recv_source, topk_weights, *, group):
     """See the module docstring: the expert outputs in MC2's row order, the routing weights as
     ``expert_scales`` (fp32), the dispatch's handle; returns out [T, H] in expert_out's dtype."""
-    if expert_out.dtype not in MC2_DTYPES:
-        # MC2 weights 16-bit rows and returns a 16-bit sum: for fp32 expert outputs that rounding is far above
-        # the contract's budget (twice the fp32 reference's error), so they take the reference's all_to_all_single
-        # over the group's process group (HCCL on an NPU) and its fp32 weighting, as torch ops on the device
+    if expert_out.dtype not in MC2_DTYPES or one_process(group):
+        # one process: nothing to exchange (MC2 takes 2 ranks or more). fp32: MC2 weights 16-bit rows and returns
+        # a 16-bit sum, far above the contract's budget (twice the fp32 reference's error), so those take the
+        # reference's all_to_all_single over the group's process group (HCCL on an NPU) and fp32 weighting
         from hal.backends.cpu import KERNELS
         return KERNELS["ep_combine"](expert_out, recv_source, topk_weights, group=group)
     from hal import distributed
     ep = distributed.get_ep_group(group)
-    h = HANDLES[group]
+    h = _handle_for(group, recv_source)
     W, rank, dev = ep.world_size, ep.rank, expert_out.device
     R, H = expert_out.shape
     k = h.expert_ids.shape[1]
@@ -321,5 +358,6 @@ def ep_combine(expert_out, recv_source, topk_weights, *, group):
     scales[:h.tokens] = topk_weights.float()
     out = npu().npu_moe_distribute_combine_v2(
         expand, h.expert_ids, h.assist, h.ep_recv_counts, scales, h.group_name, W, rank, h.num_experts,
-        tp_send_counts=h.tp_recv_counts, x_active_mask=h.mask, shared_expert_num=0, global_bs=h.global_bs)
+        tp_send_counts=h.tp_recv_counts, x_active_mask=h.mask, shared_expert_num=0, global_bs=h.global_bs,
+        **no_tp_args(h.group_name))
     return out[:h.tokens, :H].contiguous()

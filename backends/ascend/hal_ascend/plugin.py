@@ -98,17 +98,19 @@ def capability_table(soc: str, emulated: bool = False) -> dict:
                                       supports=functools.partial(conv_supports, soc=soc)),
     }
     # under the emulator the MC2 pair runs over the gloo reference transport: a declared emulation
-    mc2_path, mc2_via = ("emulated", " (emulated over gloo)") if emulated else ("native", "")
+    mc2_path, via = ("emulated", " (emulated over gloo)") if emulated else ("native", "")
     caps["ep_dispatch"] = OpCapability(
-        mc2_path, floats + ("float8_e4m3fn",), "npu_moe_distribute_dispatch_v2" + mc2_via + " (MC2, Atlas A3; quant_mode 0): the "
-        "rows' bytes (with their 1x128 scales), source and expert ids travel as bf16 words, batches padded to the "
-        "group's largest with a [BS, K] x_active_mask for padding and -1 slots, expert_map by relabelling; one "
-        "all-reduce for the largest batch unless HAL_ASCEND_EP_MAX_BS", supports=functools.partial(
-            ep_dispatch_supports, soc=soc))
+        mc2_path, floats + ("float8_e4m3fn",),
+        f"npu_moe_distribute_dispatch_v2{via} (MC2, Atlas A3; quant_mode 0): each row's bytes (and 1x128 scales), "
+        "source and expert ids travel as bf16 words; batches padded to the group's largest with a [BS, K] "
+        "x_active_mask for padding and -1 slots; expert_map by relabelling; one all-reduce per call (largest batch, "
+        "duplicate ids); the one-process group: the reference's torch ops (MC2 takes 2 ranks or more)", supports=functools.partial(ep_dispatch_supports, soc=soc))
     caps["ep_combine"] = OpCapability(
-        mc2_path, floats, "npu_moe_distribute_combine_v2" + mc2_via + " (MC2, Atlas A3) on the handle of the "
-        "group's last ep_dispatch, topk_weights as expert_scales (fp32); fp32 expert outputs: all_to_all_single over "
-        "the group's process group and the fp32 weighting as torch ops (MC2 returns 16-bit sums, above the budget)", supports=functools.partial(combine_supports, soc=soc))
+        mc2_path, floats,
+        f"npu_moe_distribute_combine_v2{via} (MC2, Atlas A3) on the handle of the group's last ep_dispatch, "
+        "topk_weights as expert_scales (fp32); fp32 expert outputs: all_to_all_single over the group's process group "
+        "and the fp32 weighting as torch ops (MC2 returns 16-bit sums, above the budget)",
+        supports=functools.partial(combine_supports, soc=soc))
     fp8_note = ("Ascend 950 has FP8 units, but no FP8 GEMM mapping is certified yet: the reference arithmetic runs "
                 "on the NPU" if soc == "950" else
                 f"Atlas {soc} has no FP8 matrix unit: quantization arithmetic in fp32 and GEMMs on dequantized fp32 "

@@ -95,7 +95,7 @@ def _unit_last(x):
 
 def sparse_attention(q, k, v, indices, *, scale, return_lse):
     B, S, Hq, Dqk = q.shape
-    L, Hk, Dv = k.shape[1], k.shape[2], v.shape[3]
+    Hk, Dv = k.shape[2], v.shape[3]
     G = Hq // Hk
     out = torch.zeros((B, S, Hq, Dv), dtype=torch.float32 if INTERPRET else q.dtype, device=q.device)
     lse = torch.full((B, S, Hq), float("-inf"), dtype=torch.float32, device=q.device)

@@ -9,7 +9,8 @@ from hal.backend import Availability, Backend, OpCapability, distribution_versio
 
 OPS = ("moe_route", "moe_dispatch", "moe_experts", "moe_combine", "moe_forward", "lightning_indexer",
        "sparse_attention", "fp8_quantize", "fp8_quantize_weight", "fp8_gemm", "fp8_linear", "gated_delta_rule",
-       "causal_conv1d")
+       "causal_conv1d", "ep_dispatch", "ep_combine")
+EP_OPS = ("ep_dispatch", "ep_combine")
 FP8_OPS = ("fp8_quantize", "fp8_quantize_weight", "fp8_gemm", "fp8_linear")
 FLOATS = ("float32", "bfloat16", "float16")
 
@@ -120,6 +121,15 @@ def _gdr_supports(q, *args, **kwargs):
     return unsupported_reason(q.shape[-1])
 
 
+def ep_note() -> str:
+    """How hal-cuda runs the expert-parallel ops, and why not through DeepEP."""
+    import importlib.util
+    deep_ep = ("deep_ep is importable, but HAL's DeepEP path is not built yet" if importlib.util.find_spec("deep_ep")
+               else "DeepEP not used: deep_ep is not importable")
+    return ("torch.distributed all_to_all_single over the tensors' device (NCCL on GPUs, gloo under the "
+            f"interpreter), bookkeeping on the device, one host read of the row counts per call; {deep_ep}")
+
+
 def _float8():
     import torch
     return torch.float8_e4m3fn
@@ -138,6 +148,8 @@ def capability_table(cc) -> dict:
     caps["moe_forward"] = OpCapability("native", FLOATS + ("float8_e4m3fn",), "fused route kernel, sync-free dispatch, "
                                        "grouped GEMMs, combine")
     caps["fp8_gemm"] = OpCapability("native", ("float8_e4m3fn",), "cuBLAS block-scaled FP8 on SM90, Triton elsewhere")
+    for op in EP_OPS:
+        caps[op] = OpCapability("native", FLOATS + ("float8_e4m3fn",), ep_note())
     caps["fp8_linear"] = OpCapability("native", FLOATS, "fused Triton quantize + FP8 GEMM")
     caps["moe_experts"] = OpCapability("native", FLOATS + ("float8_e4m3fn",),
                                        "torch._grouped_mm (bf16, SM90) or the Triton grouped GEMM")

@@ -53,11 +53,14 @@ def rank_inputs(scenario: tuple, world: int, rank: int, seed: int) -> dict:
 
 
 def expert_outputs(rows: torch.Tensor, scale: torch.Tensor, source: torch.Tensor) -> torch.Tensor:
-    """The stand-in experts: fp32 ``dequantized row * (1 + s + j/2) + t`` from the row and its source."""
+    """The stand-in experts: ``dequantized row * (1 + s + j/2) + t`` from the row and its source,
+    in the payload's dtype for bf16 payloads (a 16-bit combine, as real experts give) and fp32
+    otherwise."""
     x = rows.float() * scale.repeat_interleave(128, 1)[:, :rows.shape[1]] if rows.dtype == torch.float8_e4m3fn \
         else rows.float()
     s, t, j = (source[:, i, None].float() for i in range(3))
-    return x * (1 + s + 0.5 * j) + t
+    y = x * (1 + s + 0.5 * j) + t
+    return y.to(torch.bfloat16) if rows.dtype == torch.bfloat16 else y
 
 
 def _rank_main(rank: int, world: int, backend: str, fallback: str, seed: int, rank_setup) -> dict:

@@ -32,6 +32,7 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, FP
 CONFIG_MAX_BYTES = 1 << 20
 INDEX_MAX_BYTES = 64 << 20
 TOKENIZER_MAX_BYTES = 128 << 20
+TP_FAMILIES = ("glm_moe_dsa", "deepseek_v32", "glm4_moe")       # the model types tensor parallelism splits
 SHARED_ROWS = "shared-expert intermediate rows (moe_intermediate_size x n_shared_experts)"
 
 
@@ -425,9 +426,10 @@ class _Builder:
     def check_sharding(self) -> None:
         """Every size the TP group and the EP group split, checked before any tensor is read."""
         c, sh = self.cfg, self.sh
-        if sh.tp.size > 1 and c.is_qwen35:
-            raise ValueError(f"tensor parallelism: {c.model_type} (Qwen3.5) runs with a TP size of 1 only, got "
-                             f"{sh.tp.size} (its routed experts can still be expert parallel)")
+        if sh.tp.size > 1 and c.model_type not in TP_FAMILIES:
+            raise ValueError(f"tensor parallelism: {c.model_type}{' (Qwen3.5)' if c.is_qwen35 else ''} runs with a "
+                             f"TP size of 1 only, got {sh.tp.size} (TP covers {', '.join(TP_FAMILIES)}; its routed "
+                             "experts can still be expert parallel)")
         if sh.tp.size > 1:
             sh.part(c.num_attention_heads, "attention heads (num_attention_heads)")
             if not c.is_mla:

@@ -113,6 +113,27 @@ def ranks():
     return {world: run_ranks(_all_on_rank, world, timeout_s=120) for world in (2, 4)}
 
 
+def _killed_rank(rank: int, world: int):
+    import os
+    import signal
+    from hal import distributed
+    group = distributed.ep_group()
+    if rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)                # dies without a word, mid-run
+    x = torch.randn(2, 8)
+    hal.runtime("cpu").ep_dispatch(x, torch.tensor([[0], [1]], dtype=torch.int32), num_experts=2, group=group.name)
+
+
+def test_a_killed_rank_makes_the_others_fail_within_the_timeout():
+    import time
+    t0 = time.monotonic()
+    with pytest.raises(RanksFailed) as info:
+        run_ranks(_killed_rank, 2, timeout_s=10)
+    assert "without a result" in info.value.failures[1]          # SIGKILL: exit code -9, nothing written
+    assert 0 in info.value.failures                                # the survivor's collective gave up
+    assert time.monotonic() - t0 < 70
+
+
 @pytest.mark.parametrize("world", [2, 4])
 @pytest.mark.parametrize("fp8,permuted", SCENARIOS)
 def test_dispatch_and_combine_over_gloo_match_the_single_process_expectation(ranks, world, fp8, permuted):

@@ -15,6 +15,7 @@ rows, bit-exact, because gloo refuses float8 tensors ("Invalid scalar type").
 from __future__ import annotations
 
 import dataclasses
+import math
 import threading
 from typing import Any, Mapping, Optional
 
@@ -77,6 +78,7 @@ def get_ep_group(name: str) -> Optional[EPGroup]:
 
 
 def group_names() -> tuple[str, ...]:
+    """The names of the groups registered in this process (``"local"`` first)."""
     return tuple(_GROUPS)
 
 
@@ -89,8 +91,7 @@ def forget_ep_group(name: str) -> None:
 
 def _as_bytes(rows: torch.Tensor) -> torch.Tensor:
     """``rows`` [n, ...] as a contiguous [n, bytes per row] uint8 tensor (bit-exact for any dtype)."""
-    per_row = rows[0].numel() * rows.element_size() if rows.shape[0] else \
-        int(torch.Size(rows.shape[1:]).numel()) * rows.element_size()
+    per_row = math.prod(rows.shape[1:]) * rows.element_size()
     if rows.numel() == 0:
         return torch.empty(rows.shape[0], per_row, dtype=torch.uint8, device=rows.device)
     return rows.contiguous().reshape(rows.shape[0], -1).view(torch.uint8)

@@ -59,13 +59,30 @@ def _top1(per_prompt) -> float:
     return sum(flat) / len(flat)
 
 
-def compare_model(name_or_path: str, backend: str, *, seed: int = 0, dtype: Optional[torch.dtype] = None) -> dict:
+def _parallel_prefill(rank: int, world: int, name_or_path: str, backend: str, dtype: torch.dtype, tp: int,
+                      prompts: list) -> tuple:
+    """On one rank of a gloo group: the model loaded expert-parallel over all ranks (and tensor
+    parallel over groups of ``tp``), its prefill logits and its runtime plan."""
+    import hal.models as M
+    from hal.distributed import ep_group
+    from hal.models.parallel import tp_group
+    model = M.load(name_or_path, backend, dtype=dtype, ep_group=ep_group().name,
+                   tp_group=tp_group(tp).name if tp > 1 else None)
+    return _prefill_logits(model, prompts), model.rt.plan_dict()
+
+
+def compare_model(name_or_path: str, backend: str, *, seed: int = 0, dtype: Optional[torch.dtype] = None,
+                  world_size: int = 1, tp: int = 1) -> dict:
     """Run the prompts' prefill on ``backend`` and on the CPU reference; compare next-token distributions.
 
-    dtype: the backend's model dtype (None: :func:`working_dtype`). Returns the report dict (model,
-    backend, label, dtype, plan, prompts, per_position_top1, top1_agreement, kl_max, kl_mean,
-    reference_at_dtype {top1_agreement, kl_max, kl_mean}, budget, passed). Raises
-    hal.BackendUnavailable, CheckpointError, ModelConfigError like :func:`hal.models.load`.
+    dtype: the backend's model dtype (None: :func:`working_dtype`). ``world_size`` > 1 runs the
+    backend's model on that many local gloo ranks, its routed experts expert-parallel over all of
+    them and, with ``tp`` > 1, attention and dense layers tensor-parallel over groups of ``tp``
+    ranks (rank 0's logits are judged; the reference stays one process). Returns the report dict
+    (model, backend, label, dtype, world_size, tp, plan, prompts, per_position_top1, top1_agreement,
+    kl_max, kl_mean, reference_at_dtype {top1_agreement, kl_max, kl_mean}, budget, passed). Raises
+    hal.BackendUnavailable, CheckpointError, ModelConfigError like :func:`hal.models.load`, and
+    hal.spawn_ranks.RanksFailed when a rank fails (e.g. a world size that does not divide the experts).
     """
     import hal
     import hal.models as M
@@ -81,7 +98,15 @@ def compare_model(name_or_path: str, backend: str, *, seed: int = 0, dtype: Opti
         ref_rows, ref_kl = [[True] * len(p) for p in prompts], torch.zeros(1, dtype=torch.float64)
     else:
         ref_rows, ref_kl = _agreement(truth, _prefill_logits(M.load(name_or_path, "cpu", dtype=dtype), prompts))
-    per_prompt, kl = _agreement(truth, _prefill_logits(model, prompts))
+    plan = rt.plan_dict()
+    if world_size > 1:
+        from hal.spawn_ranks import run_ranks
+        ranks = run_ranks(_parallel_prefill, world_size, str(name_or_path), backend, dtype, tp, prompts,
+                          timeout_s=600)
+        got_logits, plan = ranks[0]
+    else:
+        got_logits = _prefill_logits(model, prompts)
+    per_prompt, kl = _agreement(truth, got_logits)
     ref = {"top1_agreement": _top1(ref_rows), "kl_max": float(ref_kl.max()), "kl_mean": float(ref_kl.mean())}
     got = {"top1_agreement": _top1(per_prompt), "kl_max": float(kl.max()), "kl_mean": float(kl.mean())}
     b = BUDGET
@@ -91,6 +116,7 @@ def compare_model(name_or_path: str, backend: str, *, seed: int = 0, dtype: Opti
     passed = (got["kl_mean"] <= limits["kl_mean"] and got["kl_max"] <= limits["kl_max"]
               and got["top1_agreement"] >= limits["top1_agreement"])
     return {"model": str(name_or_path), "backend": rt.backend_name, "label": rt.label,
-            "dtype": str(dtype).replace("torch.", ""), "plan": rt.plan_dict(), "prompts": prompts,
+            "dtype": str(dtype).replace("torch.", ""), "world_size": world_size, "tp": tp, "plan": plan,
+            "prompts": prompts,
             "per_position_top1": per_prompt, **got, "reference_at_dtype": ref,
             "budget": {**b, "limits": limits}, "passed": bool(passed), "hal_version": hal.__version__}

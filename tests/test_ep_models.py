@@ -74,3 +74,15 @@ def test_ep_group_must_exist():
     with pytest.raises(ValueError, match="no expert-parallel group named 'nope'"):
         M.load("tiny-glm45", "cpu", ep_group="nope")
     assert torch.is_tensor(M.load("tiny-glm45", "cpu", ep_group="local").layers[-1].mlp.w_gate_up)
+
+
+def test_model_conformance_on_ranks_ep_x_tp():
+    out = subprocess.run([sys.executable, "-m", "hal.cli", "conformance", "--model", "tiny-glm45", "-b", "cpu",
+                          "--world-size", "2", "--tp", "2", "--json"], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    m = json.loads(out.stdout)["models"][0]
+    assert (m["world_size"], m["tp"], m["passed"]) == (2, 2, True) and m["top1_agreement"] == 1.0
+    assert {e["op"]: e["calls"] for e in m["plan"]}["ep_dispatch"] > 0
+    bad = subprocess.run([sys.executable, "-m", "hal.cli", "conformance", "--model", "tiny-glm45", "-b", "cpu",
+                          "--tp", "2"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--tp needs --model and --world-size" in bad.stderr

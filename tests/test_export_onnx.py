@@ -318,3 +318,12 @@ def test_a_part_without_an_onnx_form_is_refused_by_name(hal_glm45):
     with pytest.raises(ExportError, match="layer 2: MoE with softmax scoring"):
         build_graph(model)
     build_graph(hal_glm45)                                  # the untouched model still exports
+
+
+def test_a_model_loaded_expert_parallel_is_refused():
+    """A rank's part of a model is not the model: exporting it is refused (ep_group "local" is a
+    group of one process, which still marks the layers as expert-parallel)."""
+    import hal.models as M
+    from hal.export.onnx import ExportError, build_graph
+    with pytest.raises(ExportError, match="tensor or expert parallelism"):
+        build_graph(M.load("tiny-glm45", "cpu", ep_group="local"))

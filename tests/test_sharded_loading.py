@@ -111,7 +111,7 @@ def _check_reads(reads: list, rank: int, cfg: dict):
     for name, index in reads:
         assert name not in by_name, f"{name} read twice"
         by_name[name] = index
-    E, I, H = cfg["n_routed_experts"], cfg["moe_intermediate_size"], cfg["hidden_size"]
+    E, I = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
     mine = range(rank * E // 2, (rank + 1) * E // 2)
     experts = {int(n.split(".")[5]) for n in by_name if ".experts." in n}
     assert experts == set(mine), sorted(experts)

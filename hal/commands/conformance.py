@@ -112,10 +112,13 @@ _NEEDS_BACKEND = ("missing --backend NAME|all: say which backend to certify, e.g
               "reference as hal.runtime() would, recorded with path 'fallback'.")
 @click.option("--world-size", "world_sizes", metavar="W,W", help="Also certify the expert-parallel ops (ep_dispatch, "
               "ep_combine) on W local processes joined by gloo, for each W (e.g. 2,4), against the single-process "
-              "reference; cases world<W>/<scenario>.")
+              "reference (cases world<W>/<scenario>); with --model, the model itself with its experts "
+              "expert-parallel over W ranks (and --tp).")
+@click.option("--tp", type=click.IntRange(1), default=1, show_default=True,
+              help="With --model and --world-size: also split attention and dense layers over groups of T ranks.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.pass_context
-def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir, model, fallback, world_sizes,
+def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir, model, fallback, world_sizes, tp,
                 as_json):
     """Certify a backend: every contract op on every case, compared with the reference.
 
@@ -127,6 +130,7 @@ def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir,
     hal conformance --golden golden/ --backend ascend
     hal conformance --model tiny-glm5 --backend cuda
     hal conformance --backend cpu --ops ep_dispatch,ep_combine --world-size 2,4
+    hal conformance --model tiny-glm5 --backend cpu --world-size 4 --tp 2
 
     Each case runs twice. Statuses: PASS, FAIL (outside the op's budget), ERROR (the backend
     raised), UNSUPPORTED (the backend declares the op or case absent), SKIPPED (backend
@@ -168,9 +172,12 @@ def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir,
         if not w.isdigit() or not 2 <= int(w) <= 64:
             raise click.BadParameter(f"{w!r} is not a world size from 2 to 64", param_hint="--world-size")
         worlds.append(int(w))
-    if worlds and (golden_dir or model):
-        fail("--world-size certifies the expert-parallel ops against the reference; it does not combine with "
-             "--golden or --model", EXIT_USAGE, as_json=as_json)
+    if worlds and golden_dir:
+        fail("--world-size certifies the expert-parallel ops (or, with --model, the model) against the reference; "
+             "it does not combine with --golden", EXIT_USAGE, as_json=as_json)
+    if tp > 1 and not (model and worlds):
+        fail("--tp needs --model and --world-size (the model's attention and dense layers split over groups of "
+             "--tp ranks)", EXIT_USAGE, as_json=as_json)
     if op_list:
         unknown = [o for o in op_list if o not in hal.CONTRACT]
         if unknown:
@@ -194,15 +201,21 @@ def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir,
         kind = "model"
         try:
             from hal.models.conformance import compare_model
+            from hal.spawn_ranks import RanksFailed
         except ImportError as exc:
             missing_module_exit(exc, "hal conformance --model", as_json=as_json)
         for name in names:
             try:
-                models.append(compare_model(model, name, seed=seed))
+                for w in worlds or [1]:
+                    models.append(compare_model(model, name, seed=seed, world_size=w, tp=tp))
             except hal.BackendUnavailable as exc:
                 fail(str(exc), EXIT_BACKEND, as_json=as_json)
             except (FileNotFoundError, ValueError, KeyError) as exc:
                 fail(f"model {model!r}: {exc}", EXIT_INPUT, as_json=as_json)
+            except RanksFailed as exc:
+                fail(f"model {model!r}: {len(exc.failures)} rank(s) failed: "
+                     + "; ".join(f"rank {r}: {why.splitlines()[0]}" for r, why in sorted(exc.failures.items())),
+                     EXIT_INPUT, as_json=as_json)
     elif golden_dir:
         kind = "golden"
         try:
@@ -249,7 +262,8 @@ def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir,
         for line in _detail_lines(report):
             click.echo(line)
         for m in models:
-            click.echo(f"model {m['model']} on {m['label']}: {'PASS' if m['passed'] else 'FAIL'}: "
+            where = f", {m['world_size']} ranks (EP {m['world_size']} x TP {m['tp']})" if m.get("world_size", 1) > 1 else ""
+            click.echo(f"model {m['model']} on {m['label']}{where}: {'PASS' if m['passed'] else 'FAIL'}: "
                        + reports._model_line(m))
         click.echo(_verdict_line(report))
         for fmt, path in paths.items():

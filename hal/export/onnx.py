@@ -48,6 +48,11 @@ def unsupported(model) -> str | None:
     cfg = model.config
     if cfg.model_type not in EXPORTABLE:
         return f"model_type {cfg.model_type!r} is not exportable yet (exportable: {', '.join(EXPORTABLE)})"
+    sharding = getattr(model, "sharding", None)
+    tp_size = sharding.tp.size if sharding is not None else 1
+    if tp_size > 1 or any(getattr(getattr(layer, "mlp", None), "ep_group", None) for layer in model.layers):
+        return ("the model was loaded with tensor or expert parallelism (each rank holds a part of it): load it "
+                "whole, in one process, to export it")
     for i, layer in enumerate(model.layers):
         if type(layer) is not DecoderLayer or not isinstance(layer.attn, (GQAAttention, MLAAttention)):
             return f"layer {i}: {type(layer.attn).__name__} attention has no ONNX form here (GQA and MLA+DSA have)"

@@ -134,12 +134,11 @@ def certify_world(backend: str, world_size: int, *, seed: int = 0, fallback: str
                   rank_setup: Optional[Callable[[], None]] = None) -> BackendRun:
     """Certify ``backend``'s EP ops on ``world_size`` gloo ranks: one result per (op, scenario),
     case names ``world<W>/<scenario>``. A rank failure or timeout makes every case ERROR.
-    ``rank_setup``: a module-level function each rank calls first (e.g. to register a backend
-    that is not installed as a plugin)."""
+    ``rank_setup``: a module-level function each rank calls first, in its own process (e.g. to
+    register a backend that is not installed as a plugin; this process must then know the backend
+    too, to report on it)."""
     from hal.registry import get_registry
     from hal.spawn_ranks import RanksFailed, run_ranks
-    if rank_setup is not None:
-        rank_setup()
     rec = get_registry().record(backend)
     av = rec.availability
     run = BackendRun(rec.name, rec.label, rec.status, rec.reason, av.device if av else "",

@@ -89,23 +89,22 @@ def compare_model(name_or_path: str, backend: str, *, seed: int = 0, dtype: Opti
     rt = hal.runtime(backend, profile=True)
     truth_model = M.load(name_or_path, "cpu", dtype=torch.float32)
     dtype = dtype or working_dtype(rt, model_ops(truth_model.config))
-    model = M.load(name_or_path, runtime=rt, dtype=dtype)
     g = torch.Generator().manual_seed(seed)
-    V = model.config.vocab_size
+    V = truth_model.config.vocab_size
     prompts = [[int(t) % V for t in p] for p in PROMPTS] + [torch.randint(0, V, (15,), generator=g).tolist()]
     truth = _prefill_logits(truth_model, prompts)
     if dtype == torch.float32:
         ref_rows, ref_kl = [[True] * len(p) for p in prompts], torch.zeros(1, dtype=torch.float64)
     else:
         ref_rows, ref_kl = _agreement(truth, _prefill_logits(M.load(name_or_path, "cpu", dtype=dtype), prompts))
-    plan = rt.plan_dict()
     if world_size > 1:
         from hal.spawn_ranks import run_ranks
         ranks = run_ranks(_parallel_prefill, world_size, str(name_or_path), backend, dtype, tp, prompts,
                           timeout_s=600)
         got_logits, plan = ranks[0]
     else:
-        got_logits = _prefill_logits(model, prompts)
+        got_logits = _prefill_logits(M.load(name_or_path, runtime=rt, dtype=dtype), prompts)
+        plan = rt.plan_dict()
     per_prompt, kl = _agreement(truth, got_logits)
     ref = {"top1_agreement": _top1(ref_rows), "kl_max": float(ref_kl.max()), "kl_mean": float(ref_kl.mean())}
     got = {"top1_agreement": _top1(per_prompt), "kl_max": float(kl.max()), "kl_mean": float(kl.mean())}

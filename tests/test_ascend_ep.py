@@ -241,9 +241,12 @@ def _plant_dispatch_fault():
     npu.reset()
 
 
-def test_a_planted_dispatch_fault_fails_the_world_conformance(monkeypatch):
+def test_a_planted_dispatch_fault_fails_the_world_conformance(monkeypatch, request):
     from hal.conformance.world import certify_world
+    from hal.registry import reset_registry
     monkeypatch.setenv("HAL_ASCEND_EMULATE", "1")
+    reset_registry()                        # this process reports on the emulated backend, whatever probed before
+    request.addfinalizer(reset_registry)    # and forgets it again (the next load sees the restored environment)
     bad = certify_world("ascend", 2, rank_setup=_plant_dispatch_fault, timeout_s=60)
     assert {r.status for r in bad.results if r.op == "ep_dispatch"} == {"FAIL"}
     assert all("recv_x" in r.reason for r in bad.results if r.op == "ep_dispatch")

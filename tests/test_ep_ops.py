@@ -264,14 +264,22 @@ def _source_without_slot():
 
 def test_world_conformance_passes_the_reference_and_fails_planted_faults():
     from hal.conformance.world import certify_world
+    from hal.registry import get_registry
     run = certify_world("cpu", 2)
     assert {r.status for r in run.results} == {"PASS"} and len(run.results) == 6
-    bad = certify_world("faulty-unweighted_combine", 2, rank_setup=_unweighted_combine)
-    by_op = {(r.op, r.status) for r in bad.results}
-    assert ("ep_combine", "FAIL") in by_op and ("ep_dispatch", "PASS") in by_op
-    bad = certify_world("faulty-source_without_slot", 2, rank_setup=_source_without_slot)
-    assert {r.status for r in bad.results if r.op == "ep_dispatch"} == {"FAIL"}
-    assert any("recv_source" in r.reason for r in bad.results if r.op == "ep_dispatch")
+    try:
+        _unweighted_combine()                               # this process reports on it; the ranks run it
+        bad = certify_world("faulty-unweighted_combine", 2, rank_setup=_unweighted_combine)
+        by_op = {(r.op, r.status) for r in bad.results}
+        assert ("ep_combine", "FAIL") in by_op and ("ep_dispatch", "PASS") in by_op
+        _source_without_slot()
+        bad = certify_world("faulty-source_without_slot", 2, rank_setup=_source_without_slot)
+        assert {r.status for r in bad.results if r.op == "ep_dispatch"} == {"FAIL"}
+        assert any("recv_source" in r.reason for r in bad.results if r.op == "ep_dispatch")
+    finally:
+        for name in ("faulty-unweighted_combine", "faulty-source_without_slot"):
+            if name in [r.name for r in get_registry().records()]:
+                get_registry().unregister(name)
 
 
 def test_cli_world_size_option():

@@ -207,7 +207,8 @@ def conformance(ctx, backend, ops, level, seed, report_dir, formats, golden_dir,
         for name in names:
             try:
                 for w in worlds or [1]:
-                    models.append(compare_model(model, name, seed=seed, world_size=w, tp=tp))
+                    on_ranks = {"world_size": w, "tp": tp} if w > 1 else {}
+                    models.append(compare_model(model, name, seed=seed, **on_ranks))
             except hal.BackendUnavailable as exc:
                 fail(str(exc), EXIT_BACKEND, as_json=as_json)
             except (FileNotFoundError, ValueError, KeyError) as exc:

@@ -30,8 +30,8 @@ def _finite(ctx, param, value):
 @click.command()
 @click.option("--backend", "-b", default="auto", show_default=True, help="Backend name, or auto (best available).")
 @click.option("--model", "-m", "model_name", default="tiny-glm5", show_default=True,
-              help="Built-in model (tiny-glm5, tiny-deepseek-v32, tiny-glm45, tiny-qwen35, tiny-kimi-linear) or a Hugging Face model "
-              "folder.")
+              help="Built-in model (tiny-glm5, tiny-deepseek-v32, tiny-glm45, tiny-qwen35, tiny-kimi-linear) or a "
+              "Hugging Face model folder.")
 @click.option("--prompt", "prompts", multiple=True,
               help="Prompt text (built-in models: their small tokenizer; a folder: its tokenizer.json); repeatable.")
 @click.option("--prompt-ids", "prompt_ids", help="Token ids, e.g. 1,2,3; several prompts: '1,2,3;4,5'.")
@@ -77,7 +77,9 @@ def run(backend, model_name, prompts, prompt_ids, max_new_tokens, temperature, t
     meaningless, their computation is the real architecture's (they ship a small byte-level
     tokenizer, so --prompt TEXT works). Exit codes: 0 ok, 2 bad option (NaN temperature,
     --logits-out into a missing folder: checked before loading), 3 backend unavailable, 4 bad
-    model folder, checkpoint, tokenizer.json or prompt (one line, nothing written).
+    model folder, checkpoint, tokenizer.json or prompt (one line, nothing written), or sizes that do
+    not divide over the ranks (experts by N, heads by --tp). With several ranks: 1 when any rank
+    failed (torchrun stops the others; each failed rank's error line names its rank).
     """
     if nproc_per_node > 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         from hal.commands._launch import launch_ranks

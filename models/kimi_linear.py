@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from hal import blockscale
-from hal.models.layers import DecoderLayer, Linear, MoE, Step, rms_norm
+from hal.models.layers import DecoderLayer, Linear, MoE, Step, masked_attention, rms_norm
 
 FULL, LINEAR = "full_attention", "linear_attention"
 LATENT_NORM_EPS = 1e-6                     # KimiLinearRMSNorm's default, which kv_a / q_a layernorms keep
@@ -80,20 +80,9 @@ class KimiDeltaAttention:
 
 def causal_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, scale: float) -> torch.Tensor:
     """Softmax attention of q [B, S, H, Dqk] over the whole cache k [B, T, Hk, Dqk], v [B, T, Hk, Dv]
-    (Hk = H, or 1 shared by every head), plain torch: query s of sequence b sits at position
-    start[b] + s and sees keys at positions <= its own and < lengths[b] (right padding is never
-    seen). Scores in q's dtype, softmax in fp32 cast back (transformers' eager attention).
-    Returns [B, S, H, Dv]."""
-    B, S = q.shape[:2]
-    T = k.shape[1]
+    (Hk = H, or 1 shared by every head): :func:`hal.models.layers.masked_attention`. Returns [B, S, H, Dv]."""
     k, v = k.expand(-1, -1, q.shape[2], -1), v.expand(-1, -1, q.shape[2], -1)
-    scores = torch.einsum("bshd,bthd->bhst", q, k) * scale
-    key_pos = torch.arange(T, device=q.device).view(1, 1, T)
-    q_pos = step.start.view(-1, 1, 1) + torch.arange(S, device=q.device).view(1, S, 1)
-    visible = (key_pos <= q_pos) & (key_pos < step.lengths.view(-1, 1, 1))
-    scores = scores.masked_fill(~visible[:, None], float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.einsum("bhst,bthd->bshd", probs, v)
+    return masked_attention(q, k, v, step, scale)
 
 
 @dataclasses.dataclass

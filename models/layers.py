@@ -4,7 +4,7 @@ the runtime ``rt``; everything else is plain torch, which runs on every device t
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -369,26 +369,37 @@ def gqa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, la
     rep = Hq // k.shape[2]
     k_all = step.cache.write((layer, "k"), k, step.start).repeat_interleave(rep, dim=2)
     v_all = step.cache.write((layer, "v"), v, step.start).repeat_interleave(rep, dim=2)
-    T = k_all.shape[1]
-    scores = torch.einsum("bshd,bthd->bhst", q, k_all) * D ** -0.5
+    return masked_attention(q, k_all, v_all, step, D ** -0.5)
+
+
+def masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: Step, scale: float) -> torch.Tensor:
+    """Dense softmax attention in plain torch: q [B, S, H, Dqk] over the cache k [B, T, H, Dqk],
+    v [B, T, H, Dv] (heads already matched). Query s of sequence b sits at position start[b] + s
+    and sees keys at positions <= its own and < lengths[b] (right padding never seen). Scores in
+    q's dtype, softmax in fp32 cast back (transformers' eager attention). Returns [B, S, H, Dv]."""
+    S, T = q.shape[1], k.shape[1]
+    scores = torch.einsum("bshd,bthd->bhst", q, k) * scale
     key_pos = torch.arange(T, device=q.device).view(1, 1, T)
     q_pos = step.start.view(-1, 1, 1) + torch.arange(S, device=q.device).view(1, S, 1)
     visible = (key_pos <= q_pos) & (key_pos < step.lengths.view(-1, 1, 1))
     scores = scores.masked_fill(~visible[:, None], float("-inf"))
     probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.einsum("bhst,bthd->bshd", probs, v_all)
+    return torch.einsum("bhst,bthd->bshd", probs, v)
 
 
 @dataclasses.dataclass
 class DecoderLayer:
+    """Pre-norm residual block: x + attn(norm(x)), then + mlp(norm(x)). ``norm`` is ``rms_norm``
+    (GLM / DeepSeek / Kimi) or ``rms_norm_zc`` (Qwen3.5's zero-centred weights)."""
     attn: object
     mlp: object
     input_norm: torch.Tensor
     post_norm: torch.Tensor
     eps: float
+    norm: Callable = rms_norm
 
     def __call__(self, x, step: Step, layer: int, prev_indices, rt):
-        """Returns the new hidden states and this layer's DSA indices (None for GQA)."""
-        h, indices = self.attn(rms_norm(x, self.input_norm, self.eps), step, layer, prev_indices, rt)
+        """Returns the new hidden states and this layer's DSA indices (None for the others)."""
+        h, indices = self.attn(self.norm(x, self.input_norm, self.eps), step, layer, prev_indices, rt)
         x = x + h
-        return x + self.mlp(rms_norm(x, self.post_norm, self.eps), rt), indices
+        return x + self.mlp(self.norm(x, self.post_norm, self.eps), rt), indices

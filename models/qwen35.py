@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from hal.models.layers import Linear, MoE, Step, gqa_attend, rms_norm_zc, rope_half
+from hal.models.layers import DecoderLayer, Linear, MoE, Step, gqa_attend, rms_norm_zc, rope_half
 
 FULL, LINEAR = "full_attention", "linear_attention"
 
@@ -102,20 +102,6 @@ class GatedAttention:
         return self.o(out * torch.sigmoid(gate), rt), None
 
 
-@dataclasses.dataclass
-class Qwen35DecoderLayer:
-    attn: object                           # GatedDeltaNet or GatedAttention
-    mlp: MoE
-    input_norm: torch.Tensor
-    post_norm: torch.Tensor
-    eps: float
-
-    def __call__(self, x, step: Step, layer: int, prev_indices, rt):
-        h, _ = self.attn(rms_norm_zc(x, self.input_norm, self.eps), step, layer, prev_indices, rt)
-        x = x + h
-        return x + self.mlp(rms_norm_zc(x, self.post_norm, self.eps), rt), None
-
-
 def text_prefix(src) -> str:
     """Where the text model's tensors live: ``model.language_model`` in the released
     (vision-language) layout, ``model`` in the text-only one (Qwen3_5MoeForCausalLM)."""
@@ -131,7 +117,7 @@ def expected_unused(name: str, prefix: str, num_layers: int) -> bool:
     return len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit() and int(parts[1]) >= num_layers
 
 
-def build_layer(b, i: int, prefix: str) -> Qwen35DecoderLayer:
+def build_layer(b, i: int, prefix: str) -> DecoderLayer:
     """Layer ``i`` from the tensors under ``prefix`` (``<text prefix>.layers.<i>``) through the
     loader's builder ``b`` (its ``linear`` / ``t`` / ``mlp`` / ``experts`` helpers)."""
     c, H = b.cfg, b.cfg.hidden_size
@@ -162,8 +148,8 @@ def build_layer(b, i: int, prefix: str) -> Qwen35DecoderLayer:
               b.mlp(f"{m}.shared_expert", c.shared_expert_intermediate_size), c.num_experts_per_tok, 1, 1,
               c.norm_topk_prob, c.routed_scaling_factor, scoring="softmax",
               shared_gate=b.t(f"{m}.shared_expert_gate.weight", (1, H)))
-    return Qwen35DecoderLayer(attn, moe, b.t(f"{prefix}.input_layernorm.weight", (H,)),
-                              b.t(f"{prefix}.post_attention_layernorm.weight", (H,)), c.rms_norm_eps)
+    return DecoderLayer(attn, moe, b.t(f"{prefix}.input_layernorm.weight", (H,)),
+                        b.t(f"{prefix}.post_attention_layernorm.weight", (H,)), c.rms_norm_eps, norm=rms_norm_zc)
 
 
 def checkpoint_shapes(c) -> dict:

@@ -44,7 +44,7 @@ class ExportError(ValueError):
 
 def unsupported(model) -> str | None:
     """None when every part of ``model`` has an ONNX form here, else the first part that has none."""
-    from hal.models.layers import MLP, DecoderLayer, GQAAttention, MLAAttention, MoE
+    from hal.models.layers import MLP, DecoderLayer, GQAAttention, MLAAttention, MoE, rms_norm
     cfg = model.config
     if cfg.model_type not in EXPORTABLE:
         return f"model_type {cfg.model_type!r} is not exportable yet (exportable: {', '.join(EXPORTABLE)})"
@@ -54,7 +54,8 @@ def unsupported(model) -> str | None:
         return ("the model was loaded with tensor or expert parallelism (each rank holds a part of it): load it "
                 "whole, in one process, to export it")
     for i, layer in enumerate(model.layers):
-        if type(layer) is not DecoderLayer or not isinstance(layer.attn, (GQAAttention, MLAAttention)):
+        if type(layer) is not DecoderLayer or not isinstance(layer.attn, (GQAAttention, MLAAttention)) \
+                or layer.norm is not rms_norm:
             return f"layer {i}: {type(layer.attn).__name__} attention has no ONNX form here (GQA and MLA+DSA have)"
         m = layer.mlp
         if not isinstance(m, (MLP, MoE)):

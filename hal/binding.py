@@ -15,7 +15,6 @@ and fall back (recorded) or raise according to the policy.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import time
 import warnings
@@ -24,6 +23,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from hal.contract import CONTRACT, DispatchPlan, OpSpec
+from hal import validation_cache
 from hal.contract._spec import _CHECKED_HERE, Args, checked_mode
 from hal.errors import BackendUnavailable, KernelOutputError, UnsupportedCase
 from hal.registry import REFERENCE, BackendRecord, Registry, get_registry
@@ -90,39 +90,6 @@ def sync_device(device: torch.device) -> None:
             acc.synchronize()
 
 
-VALIDATED_CACHE_SIZE = 4096
-
-
-def _tensor_key(name: str, optional: bool) -> str:
-    key = f"{name}.shape, {name}.dtype, {name}.device"
-    return f"(None if {name} is None else ({key}))" if optional else key
-
-
-def _plan_key(name: str) -> str:
-    fields = ", ".join(f"{name}.{f}.shape, {name}.{f}.dtype, {name}.{f}.device"
-                       for f in ("hidden", "tokens_per_expert", "offsets", "source"))
-    return f"{name}.__class__, {fields}, {name}.num_tokens, {name}.top_k, {name}.align"
-
-
-def _call_key(spec: OpSpec) -> str:
-    """Source of the expression a bound op uses as its validation-cache key: every tensor's
-    shape, dtype and device, every other argument's value (and, for ints and bools, whose values
-    compare equal across the two types, its type). A required tensor that is not a tensor makes
-    the key fail to build: that call is validated (and refused) normally."""
-    parts = []
-    for p in spec.signature.parameters.values():
-        ann = str(p.annotation)
-        if "DispatchPlan" in ann:
-            parts.append(_plan_key(p.name))
-        elif "Tensor" in ann:
-            parts.append(_tensor_key(p.name, "Optional" in ann or p.default is None))
-        elif ann in ("int", "bool"):
-            parts.append(f"{p.name}, {p.name}.__class__")
-        else:
-            parts.append(p.name)
-    return "(" + ", ".join(parts) + ",)"
-
-
 def check_outputs(spec: OpSpec, backend: str, out, arguments: dict) -> None:
     """Raise :class:`hal.errors.KernelOutputError` unless ``out`` has the shapes and dtypes the
     contract gives for the call whose arguments (by parameter name) are ``arguments``
@@ -156,38 +123,50 @@ def make_bound_op(spec: OpSpec, kernel: Callable, *, supports: Optional[Callable
 
     The function is generated once (so ``help(rt.moe_route)`` shows the contract signature and
     docstring) and passes every argument explicitly, so kernels never depend on defaults.
-    Validation is cached per call signature (each tensor's shape, dtype and device and every
-    other argument's value and type) when no data-dependent check applies (device tensors
-    outside checked mode), so a decode loop pays the structural checks once. In checked mode
+    Validation is remembered per call signature (:mod:`hal.validation_cache`: every tensor's
+    type, shape, strides, dtype, device and dispatch keys, every other argument's value and type)
+    when no data-dependent check applies (device tensors outside checked mode), so a decode loop
+    pays the structural checks once per shape. In checked mode
     (``checked=True``, or the process default when ``checked`` is None) every output's shape and
     dtype is also compared with the contract (:class:`hal.errors.KernelOutputError`).
     """
     sig = spec.signature
     params = list(sig.parameters.values())
-    call = ", ".join(p.name if p.kind is p.POSITIONAL_OR_KEYWORD else f"{p.name}={p.name}" for p in params)
+    call = spec.call_source()
     env: dict[str, Any] = {"_validate": spec.validate, "_kernel": kernel, "_supports": supports,
                            "_fallback": fallback, "_entry": entry, "_perf": time.perf_counter,
                            "_sync": sync_device, "_device_of": _device_of, "_Unsupported": UnsupportedCase,
                            "_backend": backend_name, "_op": spec.name, "_warn": _warn_once, "_seen": {},
                            "_checked": checked_mode, "_CV": _CHECKED_HERE, "_mode": checked,
-                           "_check_out": check_outputs, "_spec": spec, "_cap": VALIDATED_CACHE_SIZE}
-    for p in params:
-        if p.default is not inspect.Parameter.empty:
-            env[f"_d_{p.name}"] = p.default
-    header = "(" + ", ".join(
-        ("*, " if p.kind is p.KEYWORD_ONLY and (i == 0 or params[i - 1].kind is not p.KEYWORD_ONLY) else "")
-        + p.name + (f"=_d_{p.name}" if p.default is not inspect.Parameter.empty else "")
-        for i, p in enumerate(params)) + ")"
+                           "_check_out": check_outputs, "_spec": spec, "_remember": validation_cache.remember,
+                           **validation_cache.absent_placeholders(spec)}
+    env.update(spec.defaults_env())
+    header = spec.header_source()
     first = params[0].name
     first_device = f"{first}.hidden.device" if "DispatchPlan" in str(params[0].annotation) else f"{first}.device"
     body = []
+    # checked mode for this call: a constant when the runtime fixes it, else read once per call
+    ck = "_ck" if checked is None else repr(bool(checked))
+    if checked is None:                # hal.contract.checked_mode(), inlined
+        body += ["    _ck = _CV.get()", "    if _ck is None:", "        _ck = _checked()"]
     if validate:
-        body += ["    try:", f"        _key = {_call_key(spec)}", "        _hit = _key in _seen and not _checked()",
-                 "    except Exception:", "        _key, _hit = None, False",
-                 "    if not _hit:", f"        _validate({call})",
-                 f"        if _key is not None and {first_device}.type != 'cpu' and not _checked():",
-                 "            if len(_seen) >= _cap:", "                _seen.clear()",
-                 "            _seen[_key] = None"]
+        tensors = validation_cache.tensors_source(spec)
+        body += [f"    if {ck}:", f"        _validate({call})", "    else:",
+                 "        _hit = False",
+                 "        try:",
+                 f"            _key = {validation_cache.key_source(spec)}",
+                 "            _gs = _seen.get(_key)",
+                 "            if _gs is not None:",
+                 "                for _g in _gs:",
+                 f"                    if _g.check({tensors}):",
+                 "                        _hit = True",
+                 "                        break",
+                 "        except Exception:",
+                 "            _key = None",
+                 "        if not _hit:",
+                 f"            _validate({call})",
+                 f"            if _key is not None and {first_device}.type != 'cpu':",
+                 f"                _remember(_seen, _key, ({tensors},))"]
     if profile:
         body += [f"    _dev = _device_of(({first},), {{}})", "    _t0 = _perf()"]
     done = (["    _sync(_dev)", "    _entry.calls += 1", "    _entry.total_s += _perf() - _t0"] if profile else [])
@@ -204,7 +183,7 @@ def make_bound_op(spec: OpSpec, kernel: Callable, *, supports: Optional[Callable
         body.append("        return _out")
     body.append(f"    _out = _kernel({call})")
     body += done
-    body += ["    if _checked():",
+    body += [f"    if {ck}:",
              f"        _check_out(_spec, _backend, _out, {{{', '.join(repr(p.name) + ': ' + p.name for p in params)}}})"]
     body.append("    return _out")
     if checked is not None:            # this runtime's own checked mode, for everything the call does

@@ -50,31 +50,43 @@ def runtime_for(device_type: str):
 def _reset() -> None:
     with _lock:
         _runtimes.clear()
+        for table in _tables:
+            table.clear()
 
 
-def _first_device_type(x) -> str:
-    if isinstance(x, torch.Tensor):
-        return x.device.type
-    return x.hidden.device.type  # DispatchPlan (validated by the bound op)
+def _bound_for(device_type: str, name: str):
+    return getattr(runtime_for(device_type), name)
 
 
 def _make(name: str):
+    """``hal.ops.<name>``, generated with the op's exact signature (no ``*args``/``**kwargs``
+    repacking per call): the device type of the first argument picks the runtime's bound op,
+    looked up once per device type."""
     spec = CONTRACT[name]
     first = next(iter(spec.signature.parameters))
-
-    def dispatch(*args, **kwargs):
-        x = args[0] if args else kwargs[first]
-        try:
-            dev = _first_device_type(x)
-        except AttributeError:
-            dev = "cpu"  # not a tensor: the bound op's validation names the argument
-        return getattr(runtime_for(dev), name)(*args, **kwargs)
-
+    is_plan = "DispatchPlan" in str(spec.signature.parameters[first].annotation)
+    device = f"{first}.hidden.device.type" if is_plan else f"{first}.device.type"
+    env = {"_by_device": {}, "_bound_for": _bound_for, "_op": name, **spec.defaults_env()}
+    src = (f"def {name}{spec.header_source()}:\n"
+           "    try:\n"
+           f"        _dev = {device}\n"
+           "    except AttributeError:\n"
+           "        _dev = 'cpu'   # not a tensor: the bound op's validation names the argument\n"
+           "    _f = _by_device.get(_dev)\n"
+           "    if _f is None:\n"
+           "        _f = _by_device[_dev] = _bound_for(_dev, _op)\n"
+           f"    return _f({spec.call_source()})\n")
+    exec(compile(src, f"<hal.ops.{name}>", "exec"), env)  # noqa: S102 - generated from the spec
+    dispatch = env[name]
+    _tables.append(env["_by_device"])
     # the module-level function carries the contract's signature and docstring
     functools.update_wrapper(dispatch, spec.validate)
     dispatch.__signature__ = spec.signature
     dispatch.__module__ = __name__
     return dispatch
+
+
+_tables: list = []          # every generated op's device-type -> bound op table (cleared by _reset)
 
 
 for _name in CONTRACT:

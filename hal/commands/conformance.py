@@ -81,7 +81,11 @@ def _detail_lines(report: dict) -> list[str]:
 
 def _verdict_line(report: dict) -> str:
     s = report["summary"]
-    line = ("PASSED" if s["passed"] else "FAILED") + ": " + ", ".join(f"{k} {v}" for k, v in s["counts"].items() if v)
+    parts = [f"{k} {v}" for k, v in s["counts"].items() if v]
+    if s.get("models"):
+        failed = s.get("models_failed", 0)
+        parts.append(f"models PASS {s['models'] - failed}" + (f", models FAIL {failed}" if failed else ""))
+    line = ("PASSED" if s["passed"] else "FAILED") + ": " + (", ".join(parts) or "nothing was run")
     if s.get("backends_broken"):
         line += f"; broken plugins: {', '.join(s['backends_broken'])}"
     return line

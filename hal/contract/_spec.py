@@ -161,6 +161,25 @@ class OpSpec:
     def signature_str(self) -> str:
         return f"{self.name}{self.signature}"
 
+    def header_source(self) -> str:
+        """The parameter list of a generated function with this op's signature, each default
+        read from a global ``_d_<name>`` (see :meth:`defaults_env`): ``"(x, *, top_k=_d_top_k)"``."""
+        params = list(self.signature.parameters.values())
+        return "(" + ", ".join(
+            ("*, " if p.kind is p.KEYWORD_ONLY and (i == 0 or params[i - 1].kind is not p.KEYWORD_ONLY) else "")
+            + p.name + (f"=_d_{p.name}" if p.default is not inspect.Parameter.empty else "")
+            for i, p in enumerate(params)) + ")"
+
+    def call_source(self) -> str:
+        """The argument list passing every parameter of such a function on: ``"x, top_k=top_k"``."""
+        return ", ".join(p.name if p.kind is p.POSITIONAL_OR_KEYWORD else f"{p.name}={p.name}"
+                         for p in self.signature.parameters.values())
+
+    def defaults_env(self) -> dict:
+        """``{"_d_<name>": default}`` for the globals of a function built from :meth:`header_source`."""
+        return {f"_d_{p.name}": p.default for p in self.signature.parameters.values()
+                if p.default is not inspect.Parameter.empty}
+
     def bind(self, *args, **kwargs) -> Args:
         """The call's arguments by parameter name, defaults applied (TypeError if they do not fit)."""
         bound = self.signature.bind(*args, **kwargs)

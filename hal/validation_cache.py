@@ -1,0 +1,130 @@
+"""The bound ops' memory of validated calls: a call is validated once per call signature.
+
+A call signature is every non-tensor argument's value and type (``1 == 1.0 == True``), which optional tensors are absent, and, for every tensor, its type, shape,
+strides, dtype, device and dispatch keys (grad mode, inference mode, requires_grad). Only calls
+whose validation does not read tensor data are remembered (device tensors outside checked mode:
+see :func:`hal.contract.data_checks`), so a remembered signature is exactly as valid as the call
+that was checked.
+
+The tensor half is compared in C++ by ``torch._C._dynamo.guards.TensorGuards`` (what
+``torch.compile`` uses to decide whether a compiled graph still applies): one call compares all
+of a call's tensors, about 4 times cheaper on this project's CI CPU than building a Python tuple
+of ``(t.shape, t.dtype, t.device)`` per tensor and hashing it. Where that class is missing or does
+not behave as expected (checked once, at import), :class:`PythonTensorGuard` does the same
+comparison in Python.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+MAX_SIGNATURES = 4096          # per bound op: distinct non-tensor argument tuples remembered
+MAX_GUARDS_PER_KEY = 8         # per non-tensor argument tuple: tensor signatures remembered
+
+
+
+class PythonTensorGuard:
+    """The tensors' type, shape, strides, dtype, device and requires_grad, compared in Python."""
+
+    def __init__(self, *tensors: torch.Tensor):
+        self._sig = self._signature(tensors)
+
+    @staticmethod
+    def _signature(tensors) -> Optional[tuple]:
+        try:
+            return tuple((type(t), t.shape, t.stride(), t.dtype, t.device, t.requires_grad) for t in tensors)
+        except AttributeError:
+            return None
+
+    def check(self, *tensors) -> bool:
+        return len(tensors) == len(self._sig) and self._signature(tensors) == self._sig
+
+
+def _torch_guard_class():
+    """``TensorGuards`` when it is importable and compares what this module needs, else None."""
+    try:
+        from torch._C._dynamo.guards import TensorGuards
+        a, b = torch.empty(2, 3), torch.empty(4)
+        g = TensorGuards(a, b, dynamic_dims_sizes=[[2, 3], [4]], dynamic_dims_strides=[[3, 1], [1]])
+        same = g.check(torch.empty(2, 3), torch.empty(4))
+        refused = [torch.empty(3, 2), b], [torch.empty(3, 2).t(), b], [a.double(), b], [a, None], \
+                  [a.to("meta"), b], [torch.nn.Parameter(a), b]
+        if same and not any(g.check(*args) for args in refused):
+            return TensorGuards
+    except Exception:  # noqa: BLE001 - any surprise: use the Python comparison
+        pass
+    return None
+
+
+_TensorGuards = _torch_guard_class()
+
+
+def tensor_guard(tensors: Sequence[torch.Tensor]):
+    """An object whose ``check(*tensors)`` is True for tensors with the same type, shape, strides,
+    dtype, device and dispatch keys as ``tensors`` (False for anything else, never raising for a
+    non-tensor). ``TensorGuards`` also refuses one tensor object passed twice (``k is v`` in MLA
+    attention), so such calls get the Python comparison, which ignores aliasing as validation does."""
+    if _TensorGuards is None or len({id(t) for t in tensors}) < len(tensors):
+        return PythonTensorGuard(*tensors)
+    return _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
+                         dynamic_dims_strides=[list(t.stride()) for t in tensors])
+
+
+def guard_kind() -> str:
+    """Which comparison this process uses (shown by ``hal bench overhead``)."""
+    return "TensorGuards (C++)" if _TensorGuards is not None else "Python tuples"
+
+
+def remember(seen: dict, key, tensors: tuple) -> None:
+    """Record that the call with non-tensor signature ``key`` and these tensors was valid."""
+    guards = seen.get(key)
+    if guards is None:
+        if len(seen) >= MAX_SIGNATURES:
+            seen.clear()
+        guards = seen[key] = []
+    guards.insert(0, tensor_guard(tensors))
+    del guards[MAX_GUARDS_PER_KEY:]
+
+
+def key_source(spec) -> str:
+    """Source of the expression for a call's non-tensor signature: every non-tensor argument's
+    value and, unless it is a str, its class (``1``, ``1.0`` and ``True`` compare equal), each
+    optional tensor's absence,
+    each DispatchPlan's class and integer fields."""
+    parts = []
+    for p in spec.signature.parameters.values():
+        ann = str(p.annotation)
+        if "DispatchPlan" in ann:
+            parts.append(f"{p.name}.__class__, {p.name}.num_tokens, {p.name}.top_k, {p.name}.align, "
+                         f"{p.name}.num_tokens.__class__, {p.name}.top_k.__class__, {p.name}.align.__class__")
+        elif "Tensor" in ann:
+            if "Optional" in ann or p.default is None:
+                parts.append(f"{p.name} is None")
+        elif ann == "str":          # a str-valued Enum equal to an allowed string is as valid as the string
+            parts.append(p.name)
+        else:
+            parts.append(f"{p.name}, {p.name}.__class__")
+    return "(" + "".join(part + ", " for part in parts) + ")"
+
+
+def absent_placeholders(spec) -> dict:
+    """``{"_absent_<name>": empty tensor}`` for each optional tensor parameter: what stands for it
+    in a guard's argument list when it is None (one object per parameter: see :func:`tensor_guard`)."""
+    return {f"_absent_{p.name}": torch.empty(0) for p in spec.signature.parameters.values()
+            if "Tensor" in str(p.annotation) and ("Optional" in str(p.annotation) or p.default is None)}
+
+
+def tensors_source(spec) -> str:
+    """Source of the argument list of a guard check: every tensor of the call in parameter order
+    (a DispatchPlan as its four tensors, an absent optional tensor as its placeholder from
+    :func:`absent_placeholders`)."""
+    parts = []
+    for p in spec.signature.parameters.values():
+        ann = str(p.annotation)
+        if "DispatchPlan" in ann:
+            parts += [f"{p.name}.{f}" for f in ("hidden", "tokens_per_expert", "offsets", "source")]
+        elif "Tensor" in ann:
+            optional = "Optional" in ann or p.default is None
+            parts.append(f"(_absent_{p.name} if {p.name} is None else {p.name})" if optional else p.name)
+    return ", ".join(parts)

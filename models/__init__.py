@@ -49,7 +49,8 @@ def load(name_or_path, backend="auto", *, dtype=torch.float32, quantize=None, ru
     row-parallel ones summed with an all-reduce); the DSA indexer, the MLA latent caches, norms,
     embeddings, router and LM head stay replicated. Every rank of the world runs the same batch.
     ValueError naming both numbers when T does not divide a split size (heads, KV heads,
-    intermediate sizes); Qwen3.5 refuses T > 1.
+    intermediate sizes, linear-attention heads). Qwen3.5 and Kimi Linear split their Gated
+    DeltaNet / KDA layers by heads as well (each rank's conv and recurrent state hold its heads).
     With either group, each rank reads only its own slices and experts of a checkpoint folder
     (safetensors ``get_slice``; FP8 weights with the scale blocks covering the slice).
     Raises CheckpointError / ModelConfigError naming the file or tensor, hal.BackendUnavailable.

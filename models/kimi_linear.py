@@ -16,10 +16,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from hal import blockscale
-from hal.models.layers import DecoderLayer, Linear, MoE, Step, masked_attention, rms_norm
+from hal.models.layers import DecoderLayer, Linear, MoE, Step, absorbed_kv_b, masked_attention, rms_norm
 
 FULL, LINEAR = "full_attention", "linear_attention"
+KDA_HEADS = "KDA heads (linear_attn_config num_heads)"
 LATENT_NORM_EPS = 1e-6                     # KimiLinearRMSNorm's default, which kv_a / q_a layernorms keep
 
 
@@ -39,7 +39,12 @@ class KimiDeltaAttention:
     beta = sigmoid(b_proj(x)) [H]; the gated delta rule (q, k l2-normalized, scale D^-0.5); the
     sigmoid-gated RMSNorm per head with gate g_b(g_a(x)); o_proj.
     The cache keeps per sequence the conv window [B, K-1, 3HD] and the recurrent state
-    [B, H, D, D] fp32 (zeros before the first call)."""
+    [B, H, D, D] fp32 (zeros before the first call).
+
+    Tensor parallelism: ``n_heads`` (H) are this rank's heads; ``q`` / ``k`` / ``v`` / ``f_b`` /
+    ``g_b`` / ``b`` hold their rows, ``conv_weight`` their q, k and v channels, ``dt_bias`` /
+    ``a_log`` their entries, ``o`` is row-parallel; ``f_a`` / ``g_a`` (low rank) and the norm are
+    whole; the caches hold only these heads."""
 
     q: Linear
     k: Linear
@@ -90,7 +95,9 @@ class NoRopeMLA:
     """Kimi Linear's full attention: MLA (DeepSeek-V2's latent KV) with no RoPE and no DSA. The
     query comes from ``q_proj`` (or, with ``q_lora_rank``, q_b(RMSNorm(q_a(x)))), [H, nope + rope];
     the cache holds the RMS-normalized latent [kv_lora] and the shared key part [rope], neither
-    rotated; attention is dense and causal with scale (nope + rope)^-0.5.
+    rotated; attention is dense and causal with scale (nope + rope)^-0.5. Tensor parallelism as
+    GLM-5's MLA: ``n_heads`` this rank's heads of ``q`` / ``q_b`` / ``kv_b``, ``o`` row-parallel;
+    ``q_a``, ``kv_a`` and the latent caches whole.
     Expanded form (prefill, what transformers computes): keys [nope from kv_b, shared rope part]
     and values per head from ``kv_b`` over the cached latent. Absorbed form (decode): kv_b's key
     rows folded into the query and its value rows into the output, attention as MQA over the
@@ -113,11 +120,7 @@ class NoRopeMLA:
     w_uv: torch.Tensor = None              # [H, v_dim, kv_lora]: kv_b's value rows
 
     def __post_init__(self):
-        w = self.kv_b.weight
-        if self.kv_b.scale is not None:    # FP8 kv_b: the absorbed form needs it dequantized (once, here)
-            w = (w.float() * blockscale.expand(self.kv_b.scale, w.shape[0], w.shape[1])).to(self.kv_a_norm.dtype)
-        w = w.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
-        self.w_uk, self.w_uv = w[:, :self.nope], w[:, self.nope:]
+        self.w_uk, self.w_uv = absorbed_kv_b(self.kv_b, self.n_heads, self.nope, self.v_dim, self.kv_a_norm.dtype)
 
     def __call__(self, x, step: Step, layer: int, prev_indices, rt):
         B, S, _ = x.shape
@@ -190,37 +193,54 @@ def _moe(b, m: str) -> MoE:
                c.routed_scaling_factor)
 
 
+def linear_heads(c) -> list:
+    """(count, description) of the head count tensor parallelism splits in a KDA layer (each rank
+    keeps H / T heads of q, k and v alike)."""
+    return [(c.linear_num_key_heads, KDA_HEADS)]
+
+
 def _kda(b, a: str) -> KimiDeltaAttention:
-    c, Hd = b.cfg, b.cfg.hidden_size
+    """The KDA layer under ``a`` (``...self_attn``); under TP this rank's heads [h0, h1): rows
+    [h0 D, h1 D) of q / k / v / f_b / g_b, ``dt_bias`` and each conv (the fused ``conv1d``
+    [3HD, 1, K]: that range in each of its q, k, v thirds), rows [h0, h1) of ``b_proj`` and ``A_log``,
+    ``o_proj`` row-parallel; ``f_a`` / ``g_a`` and ``o_norm`` whole."""
+    c, Hd, sh = b.cfg, b.cfg.hidden_size, b.sh
     H, D, K = c.linear_num_key_heads, c.linear_key_head_dim, c.linear_conv_kernel_dim
+    mine, heads = sh.rows(H, D, KDA_HEADS), sh.rows(H, 1, KDA_HEADS)
     f = f"{a}.forget_gate" if b.src.has(f"{a}.forget_gate.f_a_proj.weight") else a     # transformers' / released
     if b.src.has(f"{a}.conv1d.weight"):
-        conv = b.t(f"{a}.conv1d.weight", (3 * H * D, 1, K))
+        thirds = [sh.rows(H, D, KDA_HEADS, j * H * D) for j in range(3)]           # q, k, v channels
+        conv = b.t_rows(f"{a}.conv1d.weight", (3 * H * D, 1, K), thirds)
     else:
-        conv = torch.cat([b.t(f"{a}.{n}_conv1d.weight", (H * D, 1, K)) for n in "qkv"])
+        conv = torch.cat([b.t_rows(f"{a}.{n}_conv1d.weight", (H * D, 1, K), [mine]) for n in "qkv"])
     return KimiDeltaAttention(
-        b.linear(f"{a}.q_proj", H * D, Hd), b.linear(f"{a}.k_proj", H * D, Hd), b.linear(f"{a}.v_proj", H * D, Hd),
-        conv.reshape(3 * H * D, K), b.linear(f"{f}.f_a_proj", D, Hd, quantizable=False),
-        b.linear(f"{f}.f_b_proj", H * D, D, quantizable=False), b.t(f"{f}.dt_bias", (H * D,), torch.float32),
-        b.t(f"{f}.A_log", (1, 1, H, 1), torch.float32).reshape(H), b.linear(f"{a}.b_proj", H, Hd, quantizable=False),
-        b.linear(f"{a}.g_a_proj", D, Hd, quantizable=False), b.linear(f"{a}.g_b_proj", H * D, D, quantizable=False),
-        b.t(f"{a}.o_norm.weight", (D,), torch.float32), b.linear(f"{a}.o_proj", Hd, H * D), H, D, c.rms_norm_eps)
+        *(b.linear(f"{a}.{n}_proj", H * D, Hd, col=mine) for n in "qkv"), conv.reshape(-1, K),
+        b.linear(f"{f}.f_a_proj", D, Hd, quantizable=False),
+        b.linear(f"{f}.f_b_proj", H * D, D, quantizable=False, col=mine),
+        b.t_rows(f"{f}.dt_bias", (H * D,), [mine], torch.float32),
+        b.t_rows(f"{f}.A_log", (1, 1, H, 1), [heads], torch.float32, dim=2).reshape(-1),
+        b.linear(f"{a}.b_proj", H, Hd, quantizable=False, col=heads),
+        b.linear(f"{a}.g_a_proj", D, Hd, quantizable=False),
+        b.linear(f"{a}.g_b_proj", H * D, D, quantizable=False, col=mine),
+        b.t(f"{a}.o_norm.weight", (D,), torch.float32), b.linear(f"{a}.o_proj", Hd, H * D, row=mine),
+        H // sh.tp.size, D, c.rms_norm_eps)
 
 
 def _mla(b, a: str) -> NoRopeMLA:
-    c, Hd, H = b.cfg, b.cfg.hidden_size, b.cfg.num_attention_heads
-    qk = c.qk_nope_head_dim + c.qk_rope_head_dim
+    """The MLA layer under ``a``; its per-head linears through the loader's ``mla_heads`` (this
+    rank's heads under TP), the q LoRA and ``kv_a`` whole."""
+    c, Hd = b.cfg, b.cfg.hidden_size
     if c.q_lora_rank is None:
-        q, q_a, q_a_norm, q_b = b.linear(f"{a}.q_proj", H * qk, Hd), None, None, None
+        q, kv_b, o, n_heads = b.mla_heads(a, "q_proj", Hd)
+        q_a = q_a_norm = q_b = None
     else:
+        q_b, kv_b, o, n_heads = b.mla_heads(a, "q_b_proj", c.q_lora_rank)
         q, q_a = None, b.linear(f"{a}.q_a_proj", c.q_lora_rank, Hd, bias=c.attention_bias)
-        q_a_norm, q_b = b.t(f"{a}.q_a_layernorm.weight", (c.q_lora_rank,)), b.linear(f"{a}.q_b_proj", H * qk, c.q_lora_rank)
+        q_a_norm = b.t(f"{a}.q_a_layernorm.weight", (c.q_lora_rank,))
     return NoRopeMLA(q, q_a, q_a_norm, q_b,
                      b.linear(f"{a}.kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, Hd, bias=c.attention_bias),
-                     b.t(f"{a}.kv_a_layernorm.weight", (c.kv_lora_rank,)),
-                     b.linear(f"{a}.kv_b_proj", H * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank),
-                     b.linear(f"{a}.o_proj", Hd, H * c.v_head_dim, bias=c.attention_bias),
-                     H, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank)
+                     b.t(f"{a}.kv_a_layernorm.weight", (c.kv_lora_rank,)), kv_b, o,
+                     n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank)
 
 
 def build_layer(b, i: int, prefix: str) -> DecoderLayer:

@@ -254,6 +254,17 @@ class Indexer:
                                     k_lengths=step.lengths)
 
 
+def absorbed_kv_b(kv_b: Linear, n_heads: int, nope: int, v_dim: int, dtype: torch.dtype):
+    """MLA's ``kv_b`` as the absorbed form uses it, for the ``n_heads`` heads it holds (all, or a TP
+    rank's): (w_uk [n_heads, nope, kv_lora], w_uv [n_heads, v_dim, kv_lora]) in ``dtype``; an FP8
+    weight is dequantized (once, here) and a TP slice's leading pad rows (``pad_out``) dropped."""
+    w = kv_b.weight
+    if kv_b.scale is not None:
+        w = (w.float() * blockscale.expand(kv_b.scale, w.shape[0], w.shape[1])).to(dtype)
+    w = w[kv_b.pad_out:].view(n_heads, nope + v_dim, -1)
+    return w[:, :nope], w[:, nope:]
+
+
 @dataclasses.dataclass
 class MLAAttention:
     """Multi-head latent attention with DSA. The cache holds the latent (RMS-normalized compressed
@@ -289,13 +300,7 @@ class MLAAttention:
     w_uv: torch.Tensor = None              # [Hq, v_dim, kv_lora]: kv_b's value rows
 
     def __post_init__(self):
-        w = self.kv_b.weight
-        if self.kv_b.scale is not None:    # FP8 kv_b: the absorbed form needs it dequantized (once, here)
-            s = blockscale.expand(self.kv_b.scale, w.shape[0], w.shape[1])
-            w = (w.float() * s).to(self.q_a_norm.dtype)
-        w = w[self.kv_b.pad_out:]          # a TP slice aligned to its first scale block: drop the padding
-        w = w.view(self.n_heads, self.nope + self.v_dim, self.kv_lora)
-        self.w_uk, self.w_uv = w[:, :self.nope], w[:, self.nope:]
+        self.w_uk, self.w_uv = absorbed_kv_b(self.kv_b, self.n_heads, self.nope, self.v_dim, self.q_a_norm.dtype)
 
     def __call__(self, x, step: Step, layer: int, prev_indices, rt):
         B, S, _ = x.shape

@@ -20,7 +20,7 @@ from hal.models.config import ModelConfig, ModelConfigError
 from hal.models.layers import (DecoderLayer, GQAAttention, Indexer, Linear, MLAAttention, MLP, MoE)
 from hal.models import kimi_linear, qwen35
 from hal.models.model import CausalLM
-from hal.models.parallel import Sharding
+from hal.models.parallel import FusedColumns, Sharding, merge_ranges
 from hal.models.rope import mla_softmax_scale
 
 FP8 = torch.float8_e4m3fn
@@ -32,8 +32,11 @@ WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64, FP
 CONFIG_MAX_BYTES = 1 << 20
 INDEX_MAX_BYTES = 64 << 20
 TOKENIZER_MAX_BYTES = 128 << 20
-TP_FAMILIES = ("glm_moe_dsa", "deepseek_v32", "glm4_moe")       # the model types tensor parallelism splits
+# the model types tensor parallelism splits
+TP_FAMILIES = ("glm_moe_dsa", "deepseek_v32", "glm4_moe", "qwen3_5_moe", "qwen3_5_moe_text", "kimi_linear")
 SHARED_ROWS = "shared-expert intermediate rows (moe_intermediate_size x n_shared_experts)"
+HEADS = "attention heads (num_attention_heads)"
+KV_HEADS = "KV heads (num_key_value_heads)"
 
 
 class CheckpointError(ValueError):
@@ -265,11 +268,24 @@ class _Builder:
                                                            (-(-x.shape[0] // 128), -(-x.shape[1] // 128))).float()))
         return x.to(device=self.device, dtype=dtype or self.dtype)
 
-    def linear(self, prefix, out_f, in_f, bias=False, quantizable=True, col=None, row=None) -> Linear:
+    def t_rows(self, name, shape, ranges, dtype=None, dim=0):
+        """A non-linear tensor's ``ranges`` ([(start, stop), ...]) along ``dim``, concatenated in
+        order (a conv weight's channels of this rank's q, k and v heads; a per-head A_log): only
+        those slices are read, the whole tensor when they cover it."""
+        ranges = merge_ranges(ranges)
+        if ranges == [(0, shape[dim])]:
+            return self.t(name, shape, dtype)
+        lead = (slice(None),) * dim
+        return torch.cat([self.t(name, shape, dtype, index=(*lead, slice(a, e))) for a, e in ranges], dim=dim)
+
+    def linear(self, prefix, out_f, in_f, bias=False, quantizable=True, col=None, row=None) -> "Linear | FusedColumns":
         """The linear ``prefix`` ([out_f, in_f]), whole, or this rank's slice of it: ``col =
         (start, stop)`` output rows (column-parallel), ``row = (start, stop)`` input columns
         (row-parallel: partial outputs summed over the TP group). Only the slice and, when FP8, the
-        scale blocks covering it are read."""
+        scale blocks covering it are read. ``col`` may also be a list of row ranges (a fused
+        projection's parts, e.g. q / k / v): see :meth:`fused_linear`."""
+        if isinstance(col, list):
+            return self.fused_linear(prefix, out_f, in_f, col, bias, quantizable)
         name = f"{prefix}.weight"
         sliced = (col is not None and col != (0, out_f)) or (row is not None and row != (0, in_f))
         index = None if not sliced else (slice(*col),) if col is not None else (slice(None), slice(*row))
@@ -305,6 +321,25 @@ class _Builder:
             q, s = self.rt.fp8_quantize_weight(w)       # a slice quantizes in its own 128-block grid
             return Linear(q, b, s, tp=tp)
         return Linear(w, b, tp=tp)
+
+    def fused_linear(self, prefix, out_f, in_f, ranges, bias=False, quantizable=True):
+        """The rows ``ranges`` ([(start, stop), ...]) of the fused linear ``prefix`` ([out_f, in_f]),
+        their outputs concatenated in order: one :class:`Linear` (the whole one when the ranges
+        cover it; their weights concatenated, then quantized when ``quantize="fp8"``), or, for a
+        stored FP8 weight, a :class:`FusedColumns` of one column slice per range (each with the
+        scale blocks covering it)."""
+        ranges = merge_ranges(ranges)
+        if len(ranges) == 1:
+            return self.linear(prefix, out_f, in_f, bias, quantizable, col=ranges[0])
+        parts = [self.linear(prefix, out_f, in_f, bias, False, col=r) for r in ranges]
+        if any(p.scale is not None for p in parts):
+            return FusedColumns(tuple(parts))
+        w = torch.cat([p.weight for p in parts])
+        b = torch.cat([p.bias for p in parts]) if bias else None
+        if self.quantize == "fp8" and quantizable:
+            q, s = self.rt.fp8_quantize_weight(w)       # the rank's rows quantize in their own 128-block grid
+            return Linear(q, b, s)
+        return Linear(w, b)
 
     def mlp(self, prefix, inter, what="intermediate_size") -> MLP:
         """A gated MLP, its ``inter`` intermediate rows split over the TP group."""
@@ -382,9 +417,7 @@ class _Builder:
     def mla(self, i, prefix) -> MLAAttention:
         """MLA + DSA; under TP this rank's heads of ``q_b`` / ``kv_b`` / ``o``, the rest replicated."""
         c, H = self.cfg, self.cfg.hidden_size
-        qk = c.qk_nope_head_dim + c.qk_rope_head_dim
-        kvd = c.qk_nope_head_dim + c.v_head_dim
-        h0, h1 = self.sh.part(c.num_attention_heads, "attention heads (num_attention_heads)")
+        q_b, kv_b, o, n_heads = self.mla_heads(prefix, "q_b_proj", c.q_lora_rank)
         indexer = None
         if c.indexer_types[i] == "full":
             p = f"{prefix}.indexer"
@@ -397,46 +430,67 @@ class _Builder:
                               c.indexer_rope_interleaved)
         return MLAAttention(
             self.linear(f"{prefix}.q_a_proj", c.q_lora_rank, H, bias=c.attention_bias),
-            self.t(f"{prefix}.q_a_layernorm.weight", (c.q_lora_rank,)),
-            self.linear(f"{prefix}.q_b_proj", c.num_attention_heads * qk, c.q_lora_rank, col=(h0 * qk, h1 * qk)),
+            self.t(f"{prefix}.q_a_layernorm.weight", (c.q_lora_rank,)), q_b,
             self.linear(f"{prefix}.kv_a_proj_with_mqa", c.kv_lora_rank + c.qk_rope_head_dim, H, bias=c.attention_bias),
-            self.t(f"{prefix}.kv_a_layernorm.weight", (c.kv_lora_rank,)),
-            self.linear(f"{prefix}.kv_b_proj", c.num_attention_heads * kvd, c.kv_lora_rank, col=(h0 * kvd, h1 * kvd)),
-            self.linear(f"{prefix}.o_proj", H, c.num_attention_heads * c.v_head_dim, bias=c.attention_bias,
-                        row=(h0 * c.v_head_dim, h1 * c.v_head_dim)),
-            indexer, h1 - h0, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank,
-            1e-6, mla_softmax_scale(c.rope_parameters, qk))
+            self.t(f"{prefix}.kv_a_layernorm.weight", (c.kv_lora_rank,)), kv_b, o,
+            indexer, n_heads, c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim, c.kv_lora_rank,
+            1e-6, mla_softmax_scale(c.rope_parameters, c.qk_nope_head_dim + c.qk_rope_head_dim))
+
+    def mla_heads(self, prefix, q_name, q_in):
+        """MLA's per-head linears (GLM-5, DeepSeek-V3.2, Kimi Linear's MLA layers), this rank's heads
+        under TP: the query projection ``q_name`` ([Hq * (nope + rope), q_in]: ``q_b_proj`` after the
+        q LoRA, or ``q_proj`` from the hidden states) and ``kv_b_proj`` ([Hq * (nope + v), kv_lora])
+        column-parallel, ``o_proj`` ([hidden, Hq * v]) row-parallel. Returns (q, kv_b, o, local heads)."""
+        c, n = self.cfg, self.cfg.num_attention_heads
+        qk, kvd, v = c.qk_nope_head_dim + c.qk_rope_head_dim, c.qk_nope_head_dim + c.v_head_dim, c.v_head_dim
+        return (self.linear(f"{prefix}.{q_name}", n * qk, q_in, col=self.sh.rows(n, qk, HEADS)),
+                self.linear(f"{prefix}.kv_b_proj", n * kvd, c.kv_lora_rank, col=self.sh.rows(n, kvd, HEADS)),
+                self.linear(f"{prefix}.o_proj", c.hidden_size, n * v, bias=c.attention_bias,
+                            row=self.sh.rows(n, v, HEADS)),
+                n // self.sh.tp.size)
 
     def gqa(self, prefix) -> GQAAttention:
         """GQA; under TP this rank's query and KV heads, ``o`` row-parallel."""
-        c, H, D = self.cfg, self.cfg.hidden_size, self.cfg.head_dim
-        h0, h1 = self.sh.part(c.num_attention_heads, "attention heads (num_attention_heads)")
-        k0, k1 = self.sh.part(c.num_key_value_heads, "KV heads (num_key_value_heads)")
+        c, D = self.cfg, self.cfg.head_dim
+        q, k, v, o, n_heads, n_kv = self.gqa_heads(prefix)
         qn = self.t(f"{prefix}.q_norm.weight", (D,)) if c.use_qk_norm else None
         kn = self.t(f"{prefix}.k_norm.weight", (D,)) if c.use_qk_norm else None
-        return GQAAttention(self.linear(f"{prefix}.q_proj", c.num_attention_heads * D, H, bias=c.attention_bias,
-                                        col=(h0 * D, h1 * D)),
-                            self.linear(f"{prefix}.k_proj", c.num_key_value_heads * D, H, bias=c.attention_bias,
-                                        col=(k0 * D, k1 * D)),
-                            self.linear(f"{prefix}.v_proj", c.num_key_value_heads * D, H, bias=c.attention_bias,
-                                        col=(k0 * D, k1 * D)),
-                            self.linear(f"{prefix}.o_proj", H, c.num_attention_heads * D, row=(h0 * D, h1 * D)),
-                            qn, kn, h1 - h0, k1 - k0, D, int(D * c.partial_rotary_factor), c.rms_norm_eps)
+        return GQAAttention(q, k, v, o, qn, kn, n_heads, n_kv, D, int(D * c.partial_rotary_factor), c.rms_norm_eps)
+
+    def gqa_heads(self, prefix, q_per_head: int = 1, o_bias: bool = False):
+        """GQA's linears (GLM-4.5; Qwen3.5's gated attention), this rank's heads under TP:
+        ``q_proj`` ([Hq * q_per_head * D, hidden]; Qwen3.5's holds each head's query and gate,
+        ``q_per_head`` 2) by query heads and ``k_proj`` / ``v_proj`` ([Hkv * D, hidden]) by KV heads,
+        column-parallel (with their ``attention_bias``); ``o_proj`` ([hidden, Hq * D], bias when
+        ``o_bias``) row-parallel. Returns (q, k, v, o, local query heads, local KV heads)."""
+        c, H, D = self.cfg, self.cfg.hidden_size, self.cfg.head_dim
+        Hq, Hkv, bias = c.num_attention_heads, c.num_key_value_heads, c.attention_bias
+        kv = self.sh.rows(Hkv, D, KV_HEADS)
+        q = self.linear(f"{prefix}.q_proj", Hq * q_per_head * D, H, bias=bias,
+                        col=self.sh.rows(Hq, q_per_head * D, HEADS))
+        k = self.linear(f"{prefix}.k_proj", Hkv * D, H, bias=bias, col=kv)
+        v = self.linear(f"{prefix}.v_proj", Hkv * D, H, bias=bias, col=kv)
+        o = self.linear(f"{prefix}.o_proj", H, Hq * D, bias=bias and o_bias, row=self.sh.rows(Hq, D, HEADS))
+        return q, k, v, o, Hq // self.sh.tp.size, Hkv // self.sh.tp.size
 
     def check_sharding(self) -> None:
         """Every size the TP group and the EP group split, checked before any tensor is read."""
         c, sh = self.cfg, self.sh
         if sh.tp.size > 1 and c.model_type not in TP_FAMILIES:
-            raise ValueError(f"tensor parallelism: {c.model_type}{' (Qwen3.5)' if c.is_qwen35 else ''} runs with a "
-                             f"TP size of 1 only, got {sh.tp.size} (TP covers {', '.join(TP_FAMILIES)}; its routed "
-                             "experts can still be expert parallel)")
+            raise ValueError(f"tensor parallelism: {c.model_type} runs with a TP size of 1 only, got {sh.tp.size} "
+                             f"(TP covers {', '.join(TP_FAMILIES)}; its routed experts can still be expert parallel)")
         if sh.tp.size > 1:
-            sh.part(c.num_attention_heads, "attention heads (num_attention_heads)")
-            if not c.is_mla:
-                sh.part(c.num_key_value_heads, "KV heads (num_key_value_heads)")
+            family = qwen35 if c.is_qwen35 else kimi_linear if c.is_kimi_linear else None
+            for n, what in family.linear_heads(c) if family else ():     # Gated DeltaNet / KDA heads first
+                sh.part(n, what)
+            sh.part(c.num_attention_heads, HEADS)
+            if not (c.is_mla or c.is_kimi_linear):                      # Kimi Linear's full attention is MLA
+                sh.part(c.num_key_value_heads, KV_HEADS)
             if "dense" in c.mlp_layer_types:
                 sh.part(c.intermediate_size, "intermediate_size")
-            if c.n_shared_experts and "sparse" in c.mlp_layer_types:
+            if c.is_qwen35:
+                sh.part(c.shared_expert_intermediate_size, qwen35.SHARED_ROWS)
+            elif c.n_shared_experts and "sparse" in c.mlp_layer_types:
                 sh.part(c.moe_intermediate_size * c.n_shared_experts, SHARED_ROWS)
         if "sparse" in c.mlp_layer_types or c.is_qwen35:
             sh.experts(c.n_routed_experts)

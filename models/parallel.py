@@ -1,10 +1,12 @@
 """Tensor-parallel groups and the slice of a model one rank holds.
 
 Layout: the world of W ranks splits into TP groups of T consecutive ranks (ranks ``g*T .. g*T+T-1``
-form group g; T divides W). Inside a TP group, attention heads, dense-MLP and shared-expert
-intermediate columns are split: column-parallel linears (q / kv_b / k / v / gate / up) keep this
-rank's heads or intermediate rows, row-parallel ones (o / down) keep the matching input columns and
-sum the ranks' partial outputs with an all-reduce over the group. The routed experts stay expert
+form group g; T divides W). Inside a TP group, attention heads (MLA, GQA, and the linear-attention
+heads of Gated DeltaNet / KDA), dense-MLP and shared-expert intermediate columns are split:
+column-parallel linears (q / kv_b / k / v / gate / up; fused ones such as Qwen3.5's
+``in_proj_qkv`` keep several row ranges, see :class:`FusedColumns`) keep this rank's heads or
+intermediate rows, row-parallel ones (o / down) keep the matching input columns and sum the ranks'
+partial outputs with an all-reduce over the group. The routed experts stay expert
 parallel over all W ranks (:mod:`hal.distributed`'s EP group); every rank runs the same batch.
 
 A :class:`TPGroup` is made once per process with :func:`tp_group` (every rank must call it: it
@@ -122,6 +124,13 @@ class Sharding:
         k = n // T
         return self.tp.rank * k, (self.tp.rank + 1) * k
 
+    def rows(self, n: int, width: int, what: str, offset: int = 0) -> tuple[int, int]:
+        """The rows [start, stop) of this TP rank's heads in a tensor laid out as ``n`` heads of
+        ``width`` rows each, starting at row ``offset`` (e.g. the k part of a fused q / k / v
+        projection); ValueError as :meth:`part` when T does not divide n."""
+        h0, h1 = self.part(n, what)
+        return offset + h0 * width, offset + h1 * width
+
     def experts(self, E: int) -> tuple[int, int]:
         """This rank's routed experts [start, stop) of ``E`` (all of them without EP); ValueError
         when the EP world size does not divide E."""
@@ -134,4 +143,34 @@ class Sharding:
         return self.ep.rank * E // W, (self.ep.rank + 1) * E // W
 
 
-__all__ = ["TPGroup", "LOCAL", "tp_group", "get_tp_group", "forget_tp_group", "Sharding"]
+def merge_ranges(ranges) -> list[tuple[int, int]]:
+    """``ranges`` ([(start, stop), ...] in order) with adjacent ones joined: [(0, 4), (4, 8), (10, 12)]
+    -> [(0, 8), (10, 12)]; so a whole tensor (TP size 1) reads as one range."""
+    out: list[tuple[int, int]] = []
+    for a, b in ranges:
+        if out and out[-1][1] == a:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((a, b))
+    return out
+
+
+@dataclasses.dataclass
+class FusedColumns:
+    """A column-parallel slice of a fused projection that keeps several row ranges (Qwen3.5's
+    ``in_proj_qkv`` under TP: this rank's q, k and v rows), each a :class:`hal.models.layers.Linear`
+    of its own (used when they cannot be one weight: FP8 ranges cut inside a 128-row scale block).
+    ``x [..., in] -> [..., sum of the parts' out_features]``: the parts' outputs concatenated."""
+
+    parts: tuple
+
+    def __call__(self, x: torch.Tensor, rt) -> torch.Tensor:
+        return torch.cat([p(x, rt) for p in self.parts], dim=-1)
+
+    @property
+    def out_features(self) -> int:
+        return sum(p.out_features for p in self.parts)
+
+
+__all__ = ["TPGroup", "LOCAL", "tp_group", "get_tp_group", "forget_tp_group", "Sharding", "merge_ranges",
+           "FusedColumns"]

@@ -16,6 +16,9 @@ import torch.nn.functional as F
 from hal.models.layers import DecoderLayer, Linear, MoE, Step, gqa_attend, rms_norm_zc, rope_half
 
 FULL, LINEAR = "full_attention", "linear_attention"
+KEY_HEADS = "linear-attention key heads (linear_num_key_heads)"
+VALUE_HEADS = "linear-attention value heads (linear_num_value_heads)"
+SHARED_ROWS = "shared-expert intermediate rows (shared_expert_intermediate_size)"
 
 
 def gated_rms_norm(x: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -33,9 +36,14 @@ class GatedDeltaNet:
     g = -exp(A_log) * softplus(in_proj_a(x) + dt_bias); the gated delta rule with q, k
     l2-normalized and scale Dk^-0.5; the gated RMSNorm with z = in_proj_z(x); out_proj.
     The cache keeps per sequence the conv window [B, K-1, conv_dim] and the recurrent state
-    [B, Hv, Dk, Dv] fp32 (zeros before the first call)."""
+    [B, Hv, Dk, Dv] fp32 (zeros before the first call).
 
-    in_qkv: Linear
+    Tensor parallelism: ``n_k`` / ``n_v`` are this rank's key / value heads (T divides both, so its
+    value heads read only its own key heads); ``in_qkv`` and ``conv_weight`` hold the q, k and v
+    channels of those heads (conv_dim = 2 n_k Dk + n_v Dv), ``in_z`` / ``in_b`` / ``in_a`` /
+    ``dt_bias`` / ``a_log`` their rows, ``out`` is row-parallel; the caches hold only these heads."""
+
+    in_qkv: Linear                         # (a FusedColumns for a TP slice of an FP8 checkpoint)
     in_z: Linear
     in_b: Linear
     in_a: Linear
@@ -74,7 +82,8 @@ class GatedDeltaNet:
 class GatedAttention:
     """Qwen3.5's full attention: GQA whose q_proj also yields a per-channel output gate
     ([Hq, 2D] per token: query then gate), zero-centered RMSNorm on q and k per head, RoPE on the
-    first ``rotary_dim`` channels (rotate_half), attention output times sigmoid(gate), o_proj."""
+    first ``rotary_dim`` channels (rotate_half), attention output times sigmoid(gate), o_proj.
+    Tensor parallelism as GLM-4.5's GQA: ``n_heads`` / ``n_kv`` this rank's heads, ``o`` row-parallel."""
 
     q: Linear
     k: Linear
@@ -117,35 +126,51 @@ def expected_unused(name: str, prefix: str, num_layers: int) -> bool:
     return len(parts) > 1 and parts[0] == "layers" and parts[1].isdigit() and int(parts[1]) >= num_layers
 
 
+def linear_heads(c) -> list:
+    """(count, description) of every head count tensor parallelism splits in a Gated DeltaNet layer:
+    the key heads Hk and the value heads Hv (each rank keeps Hk / T and Hv / T)."""
+    return [(c.linear_num_key_heads, KEY_HEADS), (c.linear_num_value_heads, VALUE_HEADS)]
+
+
+def _gated_deltanet(b, p: str) -> GatedDeltaNet:
+    """The Gated DeltaNet under ``p`` (``...linear_attn``); under TP this rank's key heads [k0, k1)
+    and value heads [v0, v1): of the fused ``in_proj_qkv`` / ``conv1d`` ([2 Hk Dk + Hv Dv, ...]: q,
+    k, v channels in that order) the three row ranges of those heads, concatenated; ``in_proj_z``
+    (Hv Dv rows), ``in_proj_b`` / ``in_proj_a`` / ``dt_bias`` / ``A_log`` (Hv rows) by value heads;
+    ``out_proj`` row-parallel; the norm (shared by every head) whole."""
+    c, H, sh = b.cfg, b.cfg.hidden_size, b.sh
+    nk, nv, dk, dv = c.linear_num_key_heads, c.linear_num_value_heads, c.linear_key_head_dim, c.linear_value_head_dim
+    conv_dim, K = 2 * nk * dk + nv * dv, c.linear_conv_kernel_dim
+    qkv = [sh.rows(nk, dk, KEY_HEADS), sh.rows(nk, dk, KEY_HEADS, nk * dk),
+           sh.rows(nv, dv, VALUE_HEADS, 2 * nk * dk)]                  # this rank's q, k, v channels
+    z, heads = sh.rows(nv, dv, VALUE_HEADS), sh.rows(nv, 1, VALUE_HEADS)
+    return GatedDeltaNet(b.linear(f"{p}.in_proj_qkv", conv_dim, H, col=qkv),
+                         b.linear(f"{p}.in_proj_z", nv * dv, H, col=z),
+                         b.linear(f"{p}.in_proj_b", nv, H, quantizable=False, col=heads),
+                         b.linear(f"{p}.in_proj_a", nv, H, quantizable=False, col=heads),
+                         b.t_rows(f"{p}.conv1d.weight", (conv_dim, 1, K), qkv).reshape(-1, K),
+                         b.t_rows(f"{p}.dt_bias", (nv,), [heads]),
+                         b.t_rows(f"{p}.A_log", (nv,), [heads], torch.float32),
+                         b.t(f"{p}.norm.weight", (dv,)), b.linear(f"{p}.out_proj", H, nv * dv, row=z),
+                         nk // sh.tp.size, nv // sh.tp.size, dk, dv, c.rms_norm_eps)
+
+
 def build_layer(b, i: int, prefix: str) -> DecoderLayer:
     """Layer ``i`` from the tensors under ``prefix`` (``<text prefix>.layers.<i>``) through the
-    loader's builder ``b`` (its ``linear`` / ``t`` / ``mlp`` / ``experts`` helpers)."""
+    loader's builder ``b`` (its ``linear`` / ``t`` / ``mlp`` / ``experts`` / ``gqa_heads`` helpers);
+    under TP this rank's heads and shared-expert rows (see :mod:`hal.models.parallel`)."""
     c, H = b.cfg, b.cfg.hidden_size
     if c.layer_types[i] == LINEAR:
-        p = f"{prefix}.linear_attn"
-        nk, nv = c.linear_num_key_heads, c.linear_num_value_heads
-        dk, dv = c.linear_key_head_dim, c.linear_value_head_dim
-        conv_dim, K = 2 * nk * dk + nv * dv, c.linear_conv_kernel_dim
-        attn = GatedDeltaNet(b.linear(f"{p}.in_proj_qkv", conv_dim, H), b.linear(f"{p}.in_proj_z", nv * dv, H),
-                             b.linear(f"{p}.in_proj_b", nv, H, quantizable=False),
-                             b.linear(f"{p}.in_proj_a", nv, H, quantizable=False),
-                             b.t(f"{p}.conv1d.weight", (conv_dim, 1, K)).reshape(conv_dim, K),
-                             b.t(f"{p}.dt_bias", (nv,)), b.t(f"{p}.A_log", (nv,), torch.float32),
-                             b.t(f"{p}.norm.weight", (dv,)), b.linear(f"{p}.out_proj", H, nv * dv),
-                             nk, nv, dk, dv, c.rms_norm_eps)
+        attn = _gated_deltanet(b, f"{prefix}.linear_attn")
     else:
         p, D = f"{prefix}.self_attn", c.head_dim
-        Hq, Hkv = c.num_attention_heads, c.num_key_value_heads
-        attn = GatedAttention(b.linear(f"{p}.q_proj", 2 * Hq * D, H, bias=c.attention_bias),
-                              b.linear(f"{p}.k_proj", Hkv * D, H, bias=c.attention_bias),
-                              b.linear(f"{p}.v_proj", Hkv * D, H, bias=c.attention_bias),
-                              b.linear(f"{p}.o_proj", H, Hq * D, bias=c.attention_bias),
-                              b.t(f"{p}.q_norm.weight", (D,)), b.t(f"{p}.k_norm.weight", (D,)),
-                              Hq, Hkv, D, int(D * c.partial_rotary_factor), c.rms_norm_eps)
+        q, k, v, o, n_heads, n_kv = b.gqa_heads(p, q_per_head=2, o_bias=True)     # q_proj: query and gate per head
+        attn = GatedAttention(q, k, v, o, b.t(f"{p}.q_norm.weight", (D,)), b.t(f"{p}.k_norm.weight", (D,)),
+                              n_heads, n_kv, D, int(D * c.partial_rotary_factor), c.rms_norm_eps)
     m = f"{prefix}.mlp"
     gu, dn, gus, dns = b.experts(f"{m}.experts")
     moe = MoE(b.t(f"{m}.gate.weight", (c.n_routed_experts, H)), None, gu, dn, gus, dns,
-              b.mlp(f"{m}.shared_expert", c.shared_expert_intermediate_size), c.num_experts_per_tok, 1, 1,
+              b.mlp(f"{m}.shared_expert", c.shared_expert_intermediate_size, SHARED_ROWS), c.num_experts_per_tok, 1, 1,
               c.norm_topk_prob, c.routed_scaling_factor, scoring="softmax",
               shared_gate=b.t(f"{m}.shared_expert_gate.weight", (1, H)))
     return DecoderLayer(attn, moe, b.t(f"{prefix}.input_layernorm.weight", (H,)),

@@ -1,8 +1,10 @@
 """hal-cuda without a GPU: the probe's reasons, the cuBLAS path's logic, and every Triton kernel
 certified by the conformance suite under the Triton interpreter (HAL_CUDA_INTERPRET=1).
 
-Interpreter runs happen in subprocesses: the interpreter switch must be set before triton is
-imported, which a shared pytest process cannot promise.
+The interpreter is an option of a backend instance, so kernel checks run in this process
+(``hal.runtime("cuda", options={"interpret": True})``, or a kernel launched on CPU tensors);
+the CLI checks (conformance, ``hal run``, the GPU check's dry run) run in subprocesses with
+HAL_CUDA_INTERPRET=1, the environment default CI uses.
 """
 from __future__ import annotations
 
@@ -15,7 +17,11 @@ import pytest
 import torch
 
 pytest.importorskip("hal_cuda", reason="hal-cuda is installed by ci/test.sh")
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
+
+import triton.language as tl  # noqa: E402
+
+from hal_cuda._triton import e4m3_bits, jit  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -196,34 +202,32 @@ def test_probe_with_a_faked_gpu(monkeypatch, cc, available, fp8_note):
     assert (caps["fp8_gemm"].supports is not None) is fp8_note
 
 
-def test_e4m3_rounding_matches_torch_everywhere():
-    code = r"""
-import torch, triton, triton.language as tl
-from hal_cuda._triton import e4m3_bits
-@triton.jit
-def k(x_ptr, q_ptr, n, BLOCK: tl.constexpr):
+@jit
+def _e4m3_kernel(x_ptr, q_ptr, n, BLOCK: tl.constexpr):
     o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     m = o < n
     tl.store(q_ptr + o, e4m3_bits(tl.load(x_ptr + o, mask=m)), mask=m)
-x = torch.cat([torch.linspace(-448, 448, 100001), torch.linspace(-0.03, 0.03, 50001),
-               torch.tensor([float("nan"), 0.0, -0.0, 2 ** -9, 2 ** -10, 3 * 2 ** -10, 1e-30, 464.0 - 1e-3])]).clamp(-448, 448)
-q = torch.empty(x.shape, dtype=torch.uint8)
-k[(triton.cdiv(x.numel(), 1024),)](x, q, x.numel(), BLOCK=1024)
-print(int((q != x.to(torch.float8_e4m3fn).view(torch.uint8)).sum()))
-"""
-    out = _run([sys.executable, "-c", code], TRITON_INTERPRET="1")
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.strip() == "0"
 
 
-SPARSE_ATTENTION_CHECK = r"""
-import torch, hal
-rt = hal.runtime("cuda", fallback="reference")           # ops hal-cuda lacks may fall back; this one may not
-assert {e.op: e.path for e in rt.plan()}["sparse_attention"] == "native"
-from hal_cuda.op_sparse_attention import _unit_last      # after the plugin switched the interpreter on
-g = torch.Generator().manual_seed(0)
+def test_e4m3_rounding_matches_torch_everywhere():
+    """The device helper inside a kernel of this module, launched on CPU tensors: interpreted in
+    this process (no TRITON_INTERPRET)."""
+    x = torch.cat([torch.linspace(-448, 448, 100001), torch.linspace(-0.03, 0.03, 50001),
+                   torch.tensor([float("nan"), 0.0, -0.0, 2 ** -9, 2 ** -10, 3 * 2 ** -10, 1e-30, 464.0 - 1e-3])]
+                  ).clamp(-448, 448)
+    q = torch.empty(x.shape, dtype=torch.uint8)
+    _e4m3_kernel[(triton.cdiv(x.numel(), 1024),)](x, q, x.numel(), BLOCK=1024)
+    assert int((q != x.to(torch.float8_e4m3fn).view(torch.uint8)).sum()) == 0
+    assert "TRITON_INTERPRET" not in os.environ
 
-def reference(q, k, v, idx, scale):
+
+def _interpreted_runtime(**kw):
+    """hal-cuda under the Triton interpreter, in this process (the backend's interpret option)."""
+    import hal
+    return hal.runtime("cuda", options={"interpret": True}, **kw)
+
+
+def _attention_reference(q, k, v, idx, scale):
     # float64, one query and head at a time, written from the contract's formula
     B, S, Hq, _ = q.shape
     G = Hq // k.shape[2]
@@ -240,90 +244,86 @@ def reference(q, k, v, idx, scale):
                 lse[b, t, h] = torch.logsumexp(s, 0)
     return out, lse
 
-worst = {}
-for name, Hq, Hk, Dqk, Dv, dtype, view in [("dot_2blocks", 32, 1, 48, 32, torch.float32, False),
-                                           ("dot_bf16_view", 16, 1, 80, 64, torch.bfloat16, True),
-                                           ("reduce_G3", 6, 2, 24, 16, torch.float32, False),
-                                           ("reduce_G1_view", 4, 4, 40, 32, torch.float32, True)]:
-    B, S, L, K = 2, 3, 37, 20
-    q = torch.randn(B, S, Hq, Dqk, generator=g).to(dtype)
-    k = torch.randn(B, L, Hk, Dqk, generator=g).to(dtype)
-    v = k[..., :Dv] if view else torch.randn(B, L, Hk, Dv, generator=g).to(dtype)
-    assert (_unit_last(v) is v) and (v.is_contiguous() is not view)
-    idx = torch.stack([torch.randperm(L, generator=g)[:K] for _ in range(B * S)]).view(B, S, K).int()
-    idx[0, 1, ::3] = -1
-    idx[1, 2] = -1                                                        # a query with no valid slot
-    out, lse = rt.sparse_attention(q, k, v, idx, scale=Dqk ** -0.5, return_lse=True)
-    ro, rl = reference(q, k, v, idx, Dqk ** -0.5)
-    tol = 1e-5 if dtype == torch.float32 else 2 ** -8
-    err_o = ((out.double() - ro).abs() / (ro.abs() + 1)).max().item()
-    finite = torch.isfinite(rl)
-    err_l = (lse.double()[finite] - rl[finite]).abs().max().item()
-    assert torch.equal(torch.isfinite(lse), finite) and (out[1, 2] == 0).all()
-    assert err_o <= tol and err_l <= 1e-5, (name, err_o, err_l)
-    worst[name] = err_o
-print(sorted(worst))
-"""
-
 
 def test_sparse_attention_head_blocks_and_cache_views_match_float64():
     """Both kernel paths (tensor-core dot from 16 heads per key head, in two head blocks; the
     CUDA-core reduce below, with G = 3 padded to 4) and a v that is a strided view of k (read in
     place) against a float64 evaluation of the contract's formula."""
-    out = _run([sys.executable, "-c", SPARSE_ATTENTION_CHECK])
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip() == str(sorted(["dot_2blocks", "dot_bf16_view", "reduce_G3", "reduce_G1_view"]))
+    from hal_cuda.op_sparse_attention import _unit_last
+    rt = _interpreted_runtime(fallback="reference")     # ops hal-cuda lacks may fall back; this one may not
+    assert {e.op: e.path for e in rt.plan()}["sparse_attention"] == "native"
+    g = torch.Generator().manual_seed(0)
+    worst = {}
+    for name, Hq, Hk, Dqk, Dv, dtype, view in [("dot_2blocks", 32, 1, 48, 32, torch.float32, False),
+                                               ("dot_bf16_view", 16, 1, 80, 64, torch.bfloat16, True),
+                                               ("reduce_G3", 6, 2, 24, 16, torch.float32, False),
+                                               ("reduce_G1_view", 4, 4, 40, 32, torch.float32, True)]:
+        B, S, L, K = 2, 3, 37, 20
+        q = torch.randn(B, S, Hq, Dqk, generator=g).to(dtype)
+        k = torch.randn(B, L, Hk, Dqk, generator=g).to(dtype)
+        v = k[..., :Dv] if view else torch.randn(B, L, Hk, Dv, generator=g).to(dtype)
+        assert (_unit_last(v) is v) and (v.is_contiguous() is not view)
+        idx = torch.stack([torch.randperm(L, generator=g)[:K] for _ in range(B * S)]).view(B, S, K).int()
+        idx[0, 1, ::3] = -1
+        idx[1, 2] = -1                                                        # a query with no valid slot
+        out, lse = rt.sparse_attention(q, k, v, idx, scale=Dqk ** -0.5, return_lse=True)
+        ro, rl = _attention_reference(q, k, v, idx, Dqk ** -0.5)
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -8
+        err_o = ((out.double() - ro).abs() / (ro.abs() + 1)).max().item()
+        finite = torch.isfinite(rl)
+        err_l = (lse.double()[finite] - rl[finite]).abs().max().item()
+        assert torch.equal(torch.isfinite(lse), finite) and (out[1, 2] == 0).all()
+        assert err_o <= tol and err_l <= 1e-5, (name, err_o, err_l)
+        worst[name] = err_o
+    assert sorted(worst) == sorted(["dot_2blocks", "dot_bf16_view", "reduce_G3", "reduce_G1_view"])
 
 
-SYNC_CHECK = r"""
-import torch, hal
-from torch.utils._python_dispatch import TorchDispatchMode
 # aten ops that read a device value on the host (or size their output by the data)
 SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::bincount", "aten::masked_select", "aten::_unique2",
             "aten::unique_dim", "aten::unique_consecutive", "aten::repeat_interleave", "aten::is_nonzero"}
-
-class SyncRecorder(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.hits = []
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func._schema.name
-        bool_index = name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
-            t is not None and t.dtype == torch.bool for t in args[1])
-        if name in SYNC_OPS or bool_index:
-            self.hits.append(name)
-        return func(*args, **(kwargs or {}))
-
-rt = hal.runtime("cuda", fallback="reference", validate=False)
-assert all(e.path == "native" for e in rt.plan() if e.op in ("moe_forward", "moe_dispatch"))
-g = torch.Generator().manual_seed(0)
-T, E, k, H, I = 8, 8, 2, 32, 32
-x = torch.randn(T, H, generator=g).bfloat16()
-logits = torch.randn(T, E, generator=g)
-wgu = (torch.randn(E, 2 * I, H, generator=g) * 0.1).bfloat16()
-wd = (torch.randn(E, H, I, generator=g) * 0.1).bfloat16()
-with SyncRecorder() as fwd:
-    rt.moe_forward(x, logits, wgu, wd, top_k=k)
-ids = torch.tensor([[0, -1], [3, 0]] * (T // 2), dtype=torch.int32)
-with SyncRecorder() as disp:
-    plan = rt.moe_dispatch(x, ids, E, align=4)
-with SyncRecorder() as control:
-    torch.bincount(torch.tensor([1, 2]))
-    torch.ones(3)[torch.tensor([True, False, True])]
-print(fwd.hits, disp.hits, control.hits, plan.hidden.shape[0], plan.source.tolist())
-"""
 
 
 def test_moe_forward_has_no_host_sync_and_dispatch_only_its_row_count():
     """Every aten op moe_forward runs is recorded (kernels under the interpreter): none of those
     that read a device value on the host appears; moe_dispatch has exactly one (its row count N).
     The recorder itself is shown to catch bincount and boolean-mask indexing."""
-    out = _run([sys.executable, "-c", SYNC_CHECK])
-    assert out.returncode == 0, out.stderr[-3000:]
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class SyncRecorder(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.hits = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func._schema.name
+            bool_index = name in ("aten::index", "aten::index_put", "aten::index_put_") and any(
+                t is not None and t.dtype == torch.bool for t in args[1])
+            if name in SYNC_OPS or bool_index:
+                self.hits.append(name)
+            return func(*args, **(kwargs or {}))
+
+    rt = _interpreted_runtime(fallback="reference", validate=False)
+    assert all(e.path == "native" for e in rt.plan() if e.op in ("moe_forward", "moe_dispatch"))
+    g = torch.Generator().manual_seed(0)
+    T, E, k, H, I = 8, 8, 2, 32, 32
+    x = torch.randn(T, H, generator=g).bfloat16()
+    logits = torch.randn(T, E, generator=g)
+    wgu = (torch.randn(E, 2 * I, H, generator=g) * 0.1).bfloat16()
+    wd = (torch.randn(E, H, I, generator=g) * 0.1).bfloat16()
+    with SyncRecorder() as fwd:
+        rt.moe_forward(x, logits, wgu, wd, top_k=k)
+    ids = torch.tensor([[0, -1], [3, 0]] * (T // 2), dtype=torch.int32)
+    with SyncRecorder() as disp:
+        plan = rt.moe_dispatch(x, ids, E, align=4)
+    with SyncRecorder() as control:
+        torch.bincount(torch.tensor([1, 2]))
+        torch.ones(3)[torch.tensor([True, False, True])]
+    assert fwd.hits == [] and disp.hits == ["aten::_local_scalar_dense"]
+    assert control.hits == ["aten::bincount", "aten::index"]
     # copy c = 2 * token + slot; expert 0 holds copies 0, 3, 4, 7, ... (8 rows), expert 3 copies 2, 6, 10, 14
     # (4 rows, already aligned), the -1 copies (1, 5, 9, 13) get no row
-    assert out.stdout.strip() == ("[] ['aten::_local_scalar_dense'] ['aten::bincount', 'aten::index'] 12 "
-                                  "[0, 3, 4, 7, 8, 11, 12, 15, 2, 6, 10, 14]")
+    assert plan.hidden.shape[0] == 12
+    assert plan.source.tolist() == [0, 3, 4, 7, 8, 11, 12, 15, 2, 6, 10, 14]
 
 
 def test_benchmark_floors_follow_the_device():

@@ -1,6 +1,6 @@
-"""The built-in models with their routed experts expert-parallel over gloo ranks: logits and greedy
-tokens equal the single-process run's; ``hal run --nproc-per-node`` gives the single-process
-tokens; a world size that does not divide the experts is one clear error per rank."""
+"""The built-in models with their routed experts expert-parallel over gloo ranks (EP=2 and EP=4):
+logits and greedy tokens equal the single-process run's; ``hal run --nproc-per-node`` gives the
+single-process tokens; a world size that does not divide the experts is one clear error per rank."""
 from __future__ import annotations
 
 import json
@@ -13,7 +13,7 @@ import torch
 import hal.models as M
 from hal.spawn_ranks import run_ranks
 
-MODELS = ("tiny-glm5", "tiny-deepseek-v32", "tiny-glm45", "tiny-qwen35")
+MODELS = tuple(M.BUILTIN)                  # all five: tiny-glm5, -deepseek-v32, -glm45, -qwen35, -kimi-linear
 PROMPTS = [[1, 2, 3, 4, 5, 6, 7, 8, 9], [40, 41, 42]]
 
 
@@ -23,27 +23,33 @@ def _generate(model):
 
 
 def _rank(rank: int, world: int):
+    """On 4 ranks: every model with EP over all 4, then over the pairs (0, 1) and (2, 3) (EP=2):
+    (ep size, name) -> (prefill logits, tokens, experts per MoE layer)."""
+    import torch.distributed as dist
+
     from hal import distributed
-    group = distributed.ep_group()
+    pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]        # every rank creates both, in order
     out = {}
-    for name in MODELS:
-        model = M.load(name, "cpu", ep_group=group.name)
-        experts = [layer.mlp.w_gate_up.shape[0] for layer in model.layers if hasattr(getattr(layer, "mlp", None), "ep_group")]
-        logits, tokens = _generate(model)
-        out[name] = (logits, tokens, experts)
+    for group in (distributed.ep_group(), distributed.ep_group(pairs[rank // 2])):
+        for name in MODELS:
+            model = M.load(name, "cpu", ep_group=group.name)
+            experts = [layer.mlp.w_gate_up.shape[0] for layer in model.layers
+                       if hasattr(getattr(layer, "mlp", None), "ep_group")]
+            out[group.world_size, name] = (*_generate(model), experts)
     return out
 
 
-def test_every_builtin_model_under_ep2_matches_the_single_process_run():
-    got = run_ranks(_rank, 2, timeout_s=300)
+def test_every_builtin_model_under_ep2_and_ep4_matches_the_single_process_run():
+    got = run_ranks(_rank, 4, timeout_s=300)
     for name in MODELS:
         want_logits, want_tokens = _generate(M.load(name, "cpu"))
         scale = want_logits.abs().max()
-        for rank in range(2):
-            logits, tokens, experts = got[rank][name]
-            assert experts and set(experts) == {8}, (name, experts)           # 16 experts, 8 per rank
-            assert tokens == want_tokens, (name, rank)
-            assert (logits - want_logits).abs().max() <= 1e-4 * scale, name
+        for ep_size in (2, 4):
+            for rank in range(4):
+                logits, tokens, experts = got[rank][ep_size, name]
+                assert experts and set(experts) == {16 // ep_size}, (name, ep_size, experts)   # of 16 experts
+                assert tokens == want_tokens, (name, ep_size, rank)
+                assert (logits - want_logits).abs().max() <= 1e-4 * scale, (name, ep_size)
 
 
 def _hal_run(*args, timeout=600):

@@ -6,6 +6,10 @@ bundled ``ptxas -v`` reports registers, spills and shared memory (``ci/aot_check
 plain functions the launchers call (:mod:`hal_cuda.launch`), so the tile sizes compiled here are
 the ones a launch would pick; integer arguments get the launcher's real values, so Triton's
 divisibility-by-16 specialization matches too. :func:`judge` states the pass rules.
+
+The kernels are :class:`hal_cuda._triton.Kernel` s, i.e. ordinary ``JITFunction`` s whatever
+``HAL_CUDA_INTERPRET`` says: a process that has just run them under the Triton interpreter (an
+interpreted runtime) compiles them here just the same.
 """
 from __future__ import annotations
 

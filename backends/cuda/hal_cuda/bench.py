@@ -1,7 +1,8 @@
 """hal-cuda's benchmarks (``hal bench --backend cuda``), each timed against its baseline in the
 same process. On a GPU: ``triton.testing.do_bench`` (median of repeated runs after warm-up, fresh
 random inputs, never zeros). ``dry=True`` runs the same code path at tiny shapes on the CPU under
-the Triton interpreter (tests the harness; its times mean nothing).
+the Triton interpreter, through a runtime with ``options={"interpret": True}`` (tests the
+harness; its times mean nothing).
 
 Floors use the peaks of the device the run is on (:func:`device_peaks`: H100 SXM or H200, NVIDIA's
 datasheet figures, dense = half the "with sparsity" numbers; an unknown GPU gets the H100's); the
@@ -40,12 +41,14 @@ def _device(dry):
     return torch.device("cpu" if dry else "cuda")
 
 
-def _rt():
+def _rt(dry: bool = False):
     """The cuda runtime the benchmarks time: every op hal-cuda implements must be bound natively
-    (contract ops it lacks may fall back; no benchmark calls them)."""
+    (contract ops it lacks may fall back; no benchmark calls them). A dry run binds an interpreted
+    instance (``options={"interpret": True}``), whatever ``HAL_CUDA_INTERPRET`` says; a real run
+    the listed instance."""
     import hal
     from hal_cuda.plugin import OPS
-    rt = hal.runtime("cuda", fallback="reference", validate=False)
+    rt = hal.runtime("cuda", fallback="reference", validate=False, options={"interpret": True} if dry else None)
     not_native = {e.op: e.path for e in rt.plan() if e.op in OPS and e.path != "native"}
     if not_native:
         raise RuntimeError(f"hal-cuda benchmarks need every hal-cuda op native, got {not_native}")
@@ -83,7 +86,7 @@ def _scaled_mm_direct(a, a_s, b, b_s):
 
 def bench_fp8_gemm(dry: bool = False):
     from hal_cuda.op_fp8_gemm import triton_fp8_gemm
-    rt, dev, time_ms = _rt(), _device(dry), _timer(dry)
+    rt, dev, time_ms = _rt(dry), _device(dry), _timer(dry)
     pk = device_peaks(_devname(dry))
     shapes = [(32, 64, 256)] if dry else [(4096, 7168, 2048), (4096, 2048, 7168), (4096, 24576, 1536), (128, 7168, 2048),
                                           (16384, 6144, 6144)]
@@ -164,7 +167,7 @@ def _per_expert_loop(x, logits, w_gu, w_d, k):
 
 
 def bench_moe(dry: bool = False):
-    rt, dev, time_ms = _rt(), _device(dry), _timer(dry)
+    rt, dev, time_ms = _rt(dry), _device(dry), _timer(dry)
     pk = device_peaks(_devname(dry))
     T, E, k, H, I = (8, 8, 2, 128, 128) if dry else (4096, 256, 8, 6144, 2048)
     dn = _devname(dry)
@@ -215,7 +218,7 @@ def _causal_indices(rt, B, S, L, top_k, dev):
 
 
 def bench_sparse_attention(dry: bool = False):
-    rt, dev, time_ms = _rt(), _device(dry), _timer(dry)
+    rt, dev, time_ms = _rt(dry), _device(dry), _timer(dry)
     pk = device_peaks(_devname(dry))
     dn = _devname(dry)
     rows = []
@@ -246,7 +249,7 @@ def bench_sparse_attention(dry: bool = False):
 
 
 def bench_indexer(dry: bool = False):
-    rt, dev, time_ms = _rt(), _device(dry), _timer(dry)
+    rt, dev, time_ms = _rt(dry), _device(dry), _timer(dry)
     pk = device_peaks(_devname(dry))
     B, S, Hi, D, K = (1, 64, 4, 32, 16) if dry else (1, 65536, 32, 128, 2048)
     q = torch.randn(B, S, Hi, D, device=dev).bfloat16()

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hal_cuda._triton import INTERPRET, finish, next_pow2, out_buffer
+from hal_cuda._triton import finish, interpreting, jit, next_pow2, out_buffer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +42,7 @@ def conv_grid(B: int, T: int, D: int, cfg: ConvConfig) -> tuple:
     return check_grid("_conv_kernel", (B * cdiv(T, cfg.BLOCK_T), cdiv(D, cfg.BLOCK_D)))
 
 
-@triton.jit
+@jit
 def _conv_kernel(x_ptr, w_ptr, bias_ptr, st_ptr, idx_ptr, len_ptr, out_ptr, T, D, K, NTB,
                  HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENS: tl.constexpr,
                  SILU: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -73,7 +73,7 @@ def _conv_kernel(x_ptr, w_ptr, bias_ptr, st_ptr, idx_ptr, len_ptr, out_ptr, T, D
              mask=(t < T)[:, None] & md[None, :])
 
 
-@triton.jit
+@jit
 def _conv_state_kernel(x_ptr, st_ptr, idx_ptr, len_ptr, new_ptr, T, D, W,
                        HAS_STATE: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENS: tl.constexpr,
                        BLOCK_D: tl.constexpr):
@@ -96,7 +96,8 @@ def causal_conv1d(x, weight, *, bias=None, conv_state=None, state_indices=None, 
     """Shapes, dtypes and semantics: :func:`hal.contract.linear_attention.causal_conv1d`."""
     B, T, D = x.shape
     K = weight.shape[1]
-    out = out_buffer((B, T, D), x.dtype, x.device)
+    interp = interpreting(x)
+    out = out_buffer((B, T, D), x.dtype, x.device, interpret=interp)
     new_state = torch.zeros((B, K - 1, D), dtype=x.dtype, device=x.device)
     if B == 0:
         return finish(out, x.dtype), new_state
@@ -106,8 +107,8 @@ def causal_conv1d(x, weight, *, bias=None, conv_state=None, state_indices=None, 
     idx = state_indices.contiguous() if state_indices is not None else dummy
     lens = seq_lens.contiguous() if seq_lens is not None else dummy
     flags = dict(HAS_STATE=conv_state is not None, HAS_INDEX=state_indices is not None, HAS_LENS=seq_lens is not None)
-    cfg = conv_config(T, D, interpret=INTERPRET)
-    opts = {} if INTERPRET else {"num_warps": cfg.num_warps}
+    cfg = conv_config(T, D, interpret=interp)
+    opts = {} if interp else {"num_warps": cfg.num_warps}
     if T:
         ntb = triton.cdiv(T, cfg.BLOCK_T)
         _conv_kernel[conv_grid(B, T, D, cfg)](x, weight.contiguous(), bias.contiguous() if bias is not None else dummy,

@@ -1,5 +1,7 @@
-"""``ep_combine`` on the GPU: rows go home with ``all_to_all_single`` (one host read for the
-counts), land in a [T, k, H] fp32 buffer by index, and the slots are added in slot order."""
+"""``ep_combine`` on the GPU: on DeepEP's low-latency combine when the rows' dispatch ran on DeepEP
+and the call fits (:mod:`hal_cuda.ep_deepep`), else on torch.distributed (:func:`torch_ep_combine`):
+rows go home with ``all_to_all_single`` (one host read for the counts), land in a [T, k, H] fp32
+buffer by index, and the slots are added in slot order."""
 from __future__ import annotations
 
 import torch
@@ -7,9 +9,19 @@ import torch
 from hal.contract.expert_parallel import _group
 from hal.distributed import exchange_counts, exchange_rows
 from hal.errors import ContractError
+from hal_cuda import ep_deepep
 
 
 def ep_combine(expert_out, recv_source, topk_weights, *, group="local"):
+    why = ep_deepep.deepep_combine_unsupported_reason(expert_out, recv_source, topk_weights, group=group)
+    if why is None:
+        ep_deepep.record("ep_combine", group, "deepep")
+        return ep_deepep.combine(expert_out, recv_source, topk_weights, group=group)
+    ep_deepep.record("ep_combine", group, "torch.distributed", why, expert_out.device)
+    return torch_ep_combine(expert_out, recv_source, topk_weights, group=group)
+
+
+def torch_ep_combine(expert_out, recv_source, topk_weights, *, group="local"):
     ep = _group("ep_combine", group)
     W, dev = ep.world_size, expert_out.device
     T, k = topk_weights.shape

@@ -1,4 +1,7 @@
-"""``ep_dispatch`` on the GPU: the bookkeeping (destinations, the order of the rows, local expert
+"""``ep_dispatch`` on the GPU: on DeepEP's low-latency kernels when ``deep_ep`` is importable and
+the call fits (:mod:`hal_cuda.ep_deepep`), else on torch.distributed (:func:`torch_ep_dispatch`).
+
+The torch.distributed path: the bookkeeping (destinations, the order of the rows, local expert
 indices, counts) stays on the device; the row counts cross to the host once, to size
 ``all_to_all_single`` (NCCL; gloo under the Triton interpreter). The contract's output has a
 data-dependent row count, so one host read per call is inherent to this layout."""
@@ -8,6 +11,7 @@ import torch
 
 from hal.contract.expert_parallel import _group
 from hal.distributed import exchange_counts, exchange_rows
+from hal_cuda import ep_deepep
 
 
 def local_expert_index(num_experts: int, world: int, expert_map, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -25,6 +29,22 @@ def local_expert_index(num_experts: int, world: int, expert_map, device) -> tupl
 
 
 def ep_dispatch(x, topk_ids, *, num_experts, group="local", x_scale=None, expert_map=None):
+    why = ep_deepep.deepep_unsupported_reason(x, topk_ids, num_experts=num_experts, group=group, x_scale=x_scale,
+                                              expert_map=expert_map)
+    if why is None:
+        out = ep_deepep.dispatch(x, topk_ids, num_experts=num_experts, group=group, x_scale=x_scale,
+                                 expert_map=expert_map)
+        if not isinstance(out, str):
+            ep_deepep.record("ep_dispatch", group, "deepep")
+            return out
+        why = out                          # some rank had more tokens than DeepEP's buffer: all ranks redo it here
+    ep_deepep.record("ep_dispatch", group, "torch.distributed", why, x.device)
+    out = torch_ep_dispatch(x, topk_ids, num_experts=num_experts, group=group, x_scale=x_scale, expert_map=expert_map)
+    ep_deepep.remember_torch_dispatch(group, out[3])
+    return out
+
+
+def torch_ep_dispatch(x, topk_ids, *, num_experts, group="local", x_scale=None, expert_map=None):
     ep = _group("ep_dispatch", group)
     W, dev = ep.world_size, x.device
     T, k = topk_ids.shape

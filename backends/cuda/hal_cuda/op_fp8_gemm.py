@@ -18,11 +18,11 @@ import torch
 import triton
 import triton.language as tl
 
-from hal_cuda._triton import INTERPRET, finish, out_buffer
+from hal_cuda._triton import finish, interpreting, jit, out_buffer
 from hal_cuda.launch import fp8_gemm_config, fp8_gemm_grid
 
 
-@triton.jit
+@jit
 def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, KB,
                      HAS_BIAS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -50,16 +50,17 @@ def _fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, bias_ptr, c_ptr, M, N, K, KB,
 def triton_fp8_gemm(a, a_scale, b, b_scale, out_dtype, bias=None):
     M, K = a.shape
     N = b.shape[0]
-    c = out_buffer((M, N), out_dtype, a.device)
+    interp = interpreting(a)
+    c = out_buffer((M, N), out_dtype, a.device, interpret=interp)
     if M == 0:
         return finish(c, out_dtype)
-    cfg = fp8_gemm_config(M, interpret=INTERPRET)
+    cfg = fp8_gemm_config(M, interpret=interp)
     _fp8_gemm_kernel[fp8_gemm_grid(M, N, cfg)](a, a_scale.contiguous(), b, b_scale.contiguous(),
                                               bias.float().contiguous() if bias is not None else a_scale, c, M, N, K,
                                               triton.cdiv(K, 128), HAS_BIAS=bias is not None, BLOCK_M=cfg.BLOCK_M,
                                               BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K,
-                                              **({} if INTERPRET else {"num_warps": cfg.num_warps,
-                                                                       "num_stages": cfg.num_stages}))
+                                              **({} if interp else {"num_warps": cfg.num_warps,
+                                                                    "num_stages": cfg.num_stages}))
     return finish(c, out_dtype)
 
 
@@ -102,7 +103,8 @@ def fp8_gemm(a, a_scale, b, b_scale, *, out_dtype, bias):
     M, K = a.shape
     N = b.shape[0]
     dev = a.device
-    use, _ = plan_cublas(device_type=dev.type, capability=torch.cuda.get_device_capability(dev) if dev.type == "cuda"
+    device_type = "cpu" if interpreting(a) else dev.type      # an interpreted instance: the Triton kernel, always
+    use, _ = plan_cublas(device_type=device_type, capability=torch.cuda.get_device_capability(dev) if dev.type == "cuda"
                          else None, torch_version=torch.__version__, cublaslt_version=_cublaslt_version(), M=M, N=N, K=K)
     if use:
         scale_a, scale_b = cublas_scales(a_scale, b_scale)

@@ -8,10 +8,10 @@ import torch
 import triton
 import triton.language as tl
 
-from hal_cuda._triton import div_rn, e4m3_bits, next_pow2
+from hal_cuda._triton import div_rn, e4m3_bits, jit, next_pow2
 
 
-@triton.jit
+@jit
 def ceil_to_ue8m0(s):
     """fp32 s > 0 -> the smallest power of two >= s, from the bits (biased exponent + 1 when the
     mantissa is not zero, clamped to 2^-126 .. 2^127; exp2(ceil(log2 s)) rounds down just above a
@@ -22,7 +22,7 @@ def ceil_to_ue8m0(s):
     return tl.where(((bits >> 23) & 0xFF) == 0xFF, s, p2)
 
 
-@triton.jit
+@jit
 def _quantize_kernel(x_ptr, q_ptr, s_ptr, K, G, group_size, UE8M0: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)          # row * K passes 2^31 at T*k*H > 2^31 (FP8 moe_forward prefill)
     g = tl.program_id(1)

@@ -3,10 +3,10 @@ import torch
 import triton
 import triton.language as tl
 
-from hal_cuda._triton import div_rn, e4m3_bits, next_pow2
+from hal_cuda._triton import div_rn, e4m3_bits, jit, next_pow2
 
 
-@triton.jit
+@jit
 def _weight_kernel(w_ptr, q_ptr, s_ptr, N, K, KB, block, BLOCK: tl.constexpr):
     nb = tl.program_id(0).to(tl.int64)           # rows * K: 64-bit offsets (an expert-stacked weight passes 2^31)
     kb = tl.program_id(1)

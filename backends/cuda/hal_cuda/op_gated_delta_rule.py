@@ -31,10 +31,9 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import triton
 import triton.language as tl
 
-from hal_cuda._triton import INTERPRET, finish, next_pow2, out_buffer
+from hal_cuda._triton import finish, interpreting, jit, next_pow2, out_buffer
 
 RECURRENT_MAX_T = 8                 # decode / speculative decode: the recurrence, no chunk padding
 RECURRENT_WARPS = 4
@@ -84,12 +83,12 @@ def unsupported_reason(Dk: int) -> "str | None":
     return None
 
 
-@triton.jit
+@jit
 def _l2norm_rows(x, axis: tl.constexpr):
     return x / tl.sqrt(tl.sum(x * x, axis=axis, keep_dims=True) + 1e-6)
 
 
-@triton.jit
+@jit
 def _gdr_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, idx_ptr, len_ptr, out_ptr, ht_ptr,
                       T, Hk, Hv, G, Dk, Dv, scale,
                       C: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_V: tl.constexpr, HAS_STATE: tl.constexpr,
@@ -155,7 +154,7 @@ def _gdr_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, idx_ptr, len
     tl.store(ht_ptr + (b * Hv + h) * Dk * Dv + state_off, S, mask=mk[:, None] & mv[None, :])
 
 
-@triton.jit
+@jit
 def _gdr_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, idx_ptr, len_ptr, out_ptr, ht_ptr,
                           T, Hk, Hv, G, Dk, Dv, scale,
                           BLOCK_DK: tl.constexpr, BLOCK_V: tl.constexpr, PER_CHANNEL: tl.constexpr,
@@ -214,11 +213,12 @@ def launch(q, k, v, g, beta, *, scale, initial_state=None, state_indices=None, s
     mode = mode or gdr_mode(T, per_channel)
     if mode == "chunked" and per_channel:
         raise ValueError("gated_delta_rule: the chunked kernel takes per-head g only")
-    out = out_buffer((B, T, Hv, Dv), q.dtype, q.device).zero_()
+    interp = interpreting(q)
+    out = out_buffer((B, T, Hv, Dv), q.dtype, q.device, interpret=interp).zero_()
     final = torch.empty((B, Hv, Dk, Dv), dtype=torch.float32, device=q.device)
     if B == 0:
         return finish(out, q.dtype), final
-    cfg = gdr_config(Dk, Dv, interpret=INTERPRET, chunk=chunk)
+    cfg = gdr_config(Dk, Dv, interpret=interp, chunk=chunk)
     grid = gdr_grid(B, Hv, Dv, cfg.BLOCK_V)
     has_state = initial_state is not None
     dummy = final                                                       # never read when its flag is off
@@ -230,7 +230,7 @@ def launch(q, k, v, g, beta, *, scale, initial_state=None, state_indices=None, s
     flags = dict(BLOCK_DK=cfg.BLOCK_DK, BLOCK_V=cfg.BLOCK_V, HAS_STATE=has_state,
                  HAS_INDEX=state_indices is not None, HAS_LENS=seq_lens is not None, L2NORM=bool(qk_l2norm),
                  FAULT=int(fault))
-    if not INTERPRET:
+    if not interp:
         flags["num_warps"] = cfg.num_warps if mode == "chunked" else RECURRENT_WARPS
     if mode == "chunked":
         _gdr_chunk_kernel[grid](*args, C=cfg.C, PRECISION=cfg.PRECISION, **flags)

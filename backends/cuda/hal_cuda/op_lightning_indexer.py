@@ -16,11 +16,11 @@ import torch
 import triton
 import triton.language as tl
 
-from hal_cuda._triton import INTERPRET
+from hal_cuda._triton import interpreting, jit
 from hal_cuda.launch import indexer_config, indexer_grid
 
 
-@triton.jit
+@jit
 def _scores_kernel(q_ptr, k_ptr, w_ptr, qs_ptr, ks_ptr, out_ptr, S, L, Hi, D, c0, C, NSB,
                    FP8: tl.constexpr, FP8_DOT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
                    BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_D: tl.constexpr, D_CHUNK: tl.constexpr):
@@ -80,7 +80,8 @@ def lightning_indexer(q, k, weights, *, top_k, causal, q_offset, k_lengths, q_sc
     if B == 0 or S == 0 or L == 0:
         return out
     fp8 = q.dtype == torch.float8_e4m3fn
-    cfg = indexer_config(D, L, dtype=_DTYPE_NAMES[q.dtype], interpret=INTERPRET)
+    interp = interpreting(q)
+    cfg = indexer_config(D, L, dtype=_DTYPE_NAMES[q.dtype], interpret=interp)
     qf, kf = q.contiguous(), k.contiguous()
     w = weights.contiguous()
     qs, ks = (q_scale.contiguous(), k_scale.contiguous()) if fp8 else (w, w)
@@ -99,7 +100,7 @@ def lightning_indexer(q, k, weights, *, top_k, causal, q_offset, k_lengths, q_sc
         _scores_kernel[grid](qf, kf, w, qs, ks, sc, S, L, Hi, D, c0, C, nsb, FP8=fp8, FP8_DOT=cfg.FP8_DOT,
                              UPCAST=cfg.UPCAST, PRECISION=cfg.PRECISION, BLOCK_S=cfg.BLOCK_S, BLOCK_C=cfg.BLOCK_C,
                              BLOCK_D=cfg.BLOCK_D, D_CHUNK=cfg.D_CHUNK,
-                             **({} if INTERPRET else {"num_warps": cfg.num_warps}))
+                             **({} if interp else {"num_warps": cfg.num_warps}))
         idx = torch.arange(c0, c0 + C, device=dev)
         vis = (idx.view(1, 1, C) < lengths.view(B, 1, 1)).expand(B, S, C)
         if causal:

@@ -12,12 +12,12 @@ import torch
 import triton
 import triton.language as tl
 
-from hal_cuda._triton import INTERPRET, finish
+from hal_cuda._triton import finish, interpreting, jit
 from hal_cuda.launch import grouped_gemm_config, grouped_gemm_grid, grouped_gemm_precision
 from hal_cuda.op_fp8_quantize import quantize_rows
 
 
-@triton.jit
+@jit
 def _grouped_gemm_kernel(x_ptr, xs_ptr, w_ptr, ws_ptr, out_ptr, offsets_ptr, counts_ptr, N, K, KB, NB,
                          FP8: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -57,7 +57,8 @@ def grouped_gemm(x, w, plan, w_scale=None, out_dtype=None):
     R, K = x.shape
     E, N, _ = w.shape
     dtype = out_dtype or x.dtype
-    interp_half = INTERPRET and dtype in (torch.bfloat16, torch.float16)
+    interp = interpreting(x)
+    interp_half = interp and dtype in (torch.bfloat16, torch.float16)
     out = torch.zeros((R, N), dtype=torch.float32 if interp_half else dtype, device=x.device)
     if R == 0:
         return finish(out, dtype)
@@ -68,20 +69,20 @@ def grouped_gemm(x, w, plan, w_scale=None, out_dtype=None):
         if x.dtype != w.dtype:                   # mixed activation / weight dtypes: compute in fp32
             x, w = x.float(), w.float()
         xq, xs = x.contiguous(), x
-    cfg = grouped_gemm_config(fp8=fp8, interpret=INTERPRET, fp32=xq.dtype == torch.float32)
-    precision = grouped_gemm_precision("fp32" if xq.dtype == torch.float32 else "other", interpret=INTERPRET)
-    launch = {} if INTERPRET else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    cfg = grouped_gemm_config(fp8=fp8, interpret=interp, fp32=xq.dtype == torch.float32)
+    precision = grouped_gemm_precision("fp32" if xq.dtype == torch.float32 else "other", interpret=interp)
+    launch = {} if interp else {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
     _grouped_gemm_kernel[grouped_gemm_grid(R, N, E, cfg)](
         xq, xs, w.contiguous(), w_scale.contiguous() if fp8 else w, out, plan.offsets, plan.tokens_per_expert, N, K,
         triton.cdiv(K, 128), triton.cdiv(N, 128), FP8=fp8,
-        PRECISION=precision, UPCAST=INTERPRET and not fp8,
+        PRECISION=precision, UPCAST=interp and not fp8,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, **launch)
     return finish(out, dtype)
 
 
 def _torch_grouped_mm_ok(x, w, plan) -> bool:
     """torch._grouped_mm (CUTLASS, SM90) takes bf16 segments that are 16-row aligned."""
-    return (x.device.type == "cuda" and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
+    return (x.device.type == "cuda" and not interpreting(x) and hasattr(torch, "_grouped_mm") and x.dtype == torch.bfloat16
             and w.dtype == torch.bfloat16 and plan.align % 16 == 0
             and torch.cuda.get_device_capability(x.device) >= (9, 0))
 

@@ -8,20 +8,19 @@ Group scores, kept groups and the top-k are found by k rounds of
 max-then-lowest-index, which for the small k of MoE routing (<= 8-16) is cheaper than a sort.
 """
 import torch
-import triton
 import triton.language as tl
 
-from hal_cuda._triton import next_pow2
+from hal_cuda._triton import jit, next_pow2
 
 
-@triton.jit
+@jit
 def _pick(key, avail, idx, BIG: tl.constexpr):
     """Index of the largest available key (ties -> lowest index)."""
     m = tl.max(tl.where(avail, key, float("-inf")), axis=0)
     return tl.min(tl.where(avail & (key == m), idx, BIG), axis=0)
 
 
-@triton.jit
+@jit
 def _route_kernel(x_ptr, bias_ptr, w_ptr, ids_ptr, E, scaling,
                   TOP_K: tl.constexpr, KP: tl.constexpr, SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, N_GROUP: tl.constexpr,
                   TOPK_GROUP: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl.constexpr):

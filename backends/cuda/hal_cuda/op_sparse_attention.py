@@ -20,11 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
-from hal_cuda._triton import INTERPRET, finish
+from hal_cuda._triton import finish, interpreting, jit
 from hal_cuda.launch import attention_config, attention_grid
 
 
-@triton.jit
+@jit
 def _sparse_attn_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, out_ptr, lse_ptr, S, Hq, G, NGB, Dqk, Dv, TOPK, scale,
                         sq_b, sq_s, sq_h, sk_b, sk_l, sk_h, sv_b, sv_l, sv_h,
                         BLOCK_G: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -97,11 +97,12 @@ def sparse_attention(q, k, v, indices, *, scale, return_lse):
     B, S, Hq, Dqk = q.shape
     Hk, Dv = k.shape[2], v.shape[3]
     G = Hq // Hk
-    out = torch.zeros((B, S, Hq, Dv), dtype=torch.float32 if INTERPRET else q.dtype, device=q.device)
+    interp = interpreting(q)
+    out = torch.zeros((B, S, Hq, Dv), dtype=torch.float32 if interp else q.dtype, device=q.device)
     lse = torch.full((B, S, Hq), float("-inf"), dtype=torch.float32, device=q.device)
     topk = indices.shape[-1]
     if B and S and topk:
-        cfg = attention_config(G, Dqk, Dv, half=q.dtype in (torch.bfloat16, torch.float16), interpret=INTERPRET)
+        cfg = attention_config(G, Dqk, Dv, half=q.dtype in (torch.bfloat16, torch.float16), interpret=interp)
         grid = attention_grid(B, S, Hk, G, cfg.BLOCK_G)
         q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
         _sparse_attn_kernel[grid](q, k, v, indices.contiguous(), out, lse, S, Hq, G, triton.cdiv(G, cfg.BLOCK_G), Dqk,
@@ -109,6 +110,6 @@ def sparse_attention(q, k, v, indices, *, scale, return_lse):
                                   k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
                                   BLOCK_G=cfg.BLOCK_G, BLOCK_K=cfg.BLOCK_K, BLOCK_D=cfg.BLOCK_D, BLOCK_DV=cfg.BLOCK_DV,
                                   DOT=cfg.DOT, UPCAST=cfg.UPCAST, PRECISION=cfg.PRECISION,
-                                  **({} if INTERPRET else {"num_warps": cfg.num_warps}))
+                                  **({} if interp else {"num_warps": cfg.num_warps}))
     out = finish(out, q.dtype)
     return (out, lse) if return_lse else out

@@ -16,24 +16,38 @@ FLOATS = ("float32", "bfloat16", "float16")
 
 
 def interpreting() -> bool:
+    """The default of the backend's ``interpret`` option: ``HAL_CUDA_INTERPRET`` set (not "0")."""
     return os.environ.get("HAL_CUDA_INTERPRET", "") not in ("", "0")
 
 
-if interpreting():
-    # before anything imports triton: the interpreter switch is read when kernels are defined
-    os.environ["TRITON_INTERPRET"] = "1"
+INTERPRETER_LABEL = "cuda (Triton interpreter, no GPU)"
 
 
 class CudaBackend(Backend):
     """NVIDIA GPUs through Triton kernels (and cuBLAS block-scaled FP8 on SM90); compute
-    capability 8.0 or newer, the FP8 ops from 8.9 (see :func:`fp8_unavailable_reason`)."""
+    capability 8.0 or newer, the FP8 ops from 8.9 (see :func:`fp8_unavailable_reason`).
+
+    ``interpret``: run the same Triton kernels on CPU tensors under the Triton interpreter (this
+    instance only; device_type "cpu"); None takes the default from ``HAL_CUDA_INTERPRET``. A
+    process can hold an interpreted instance (``hal.runtime("cuda", options={"interpret": True})``)
+    next to a real one: the kernels are defined once and each launch picks its mode
+    (:mod:`hal_cuda._triton`)."""
 
     name = "cuda"
     priority = 30
 
-    def __init__(self):
+    def __init__(self, interpret: "bool | None" = None):
         super().__init__(version=distribution_version("hal-cuda"))
-        self.device_type = "cpu" if interpreting() else "cuda"
+        self.interpret_from_env = interpret is None
+        self.interpret = interpreting() if interpret is None else bool(interpret)
+        self.device_type = "cpu" if self.interpret else "cuda"
+
+    def with_options(self, *, interpret: "bool | None" = None, **unknown) -> "CudaBackend":
+        """This backend with ``interpret`` set for this instance only (``hal.runtime("cuda",
+        options={"interpret": True})``); ``HAL_CUDA_INTERPRET`` only gives the default."""
+        if unknown:
+            raise TypeError(f"backend 'cuda' takes the option 'interpret', not {', '.join(sorted(unknown))}")
+        return CudaBackend(interpret=interpret)
 
     def probe(self) -> Availability:
         import torch
@@ -44,14 +58,14 @@ class CudaBackend(Backend):
         except Exception as exc:  # noqa: BLE001
             return Availability(False, f"triton is not importable ({type(exc).__name__}: {exc}); "
                                 "`pip install triton`", versions=versions)
-        if interpreting():
-            return Availability(True, "cuda (Triton interpreter, no GPU): HAL_CUDA_INTERPRET=1 runs the Triton "
-                                "kernels on CPU tensors", device="CPU via the Triton interpreter", versions=versions,
-                                label="cuda (Triton interpreter, no GPU)")
+        if self.interpret:
+            how = "HAL_CUDA_INTERPRET=1" if self.interpret_from_env else "the interpret option"
+            return Availability(True, f"{INTERPRETER_LABEL}: {how} runs the Triton kernels on CPU tensors",
+                                device="CPU via the Triton interpreter", versions=versions, label=INTERPRETER_LABEL)
         if torch.version.cuda is None:
             return Availability(False, f"this torch ({torch.__version__}) is a CPU-only build: install a CUDA build "
-                                "of torch (or set HAL_CUDA_INTERPRET=1 to run the kernels under the Triton "
-                                "interpreter)", versions=versions)
+                                "of torch (or set HAL_CUDA_INTERPRET=1, or options={'interpret': True}, to run "
+                                "the kernels under the Triton interpreter)", versions=versions)
         versions["cuda"] = torch.version.cuda
         if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
             return Availability(False, "torch sees no CUDA device (driver missing, no GPU, or CUDA_VISIBLE_DEVICES "
@@ -67,12 +81,13 @@ class CudaBackend(Backend):
                             versions=versions, label=f"cuda ({torch.cuda.get_device_name(0)})")
 
     def capabilities(self):
-        return capability_table(None if interpreting() else _capability())
+        return capability_table(None if self.interpret else _capability())
 
     def kernels(self):
-        if interpreting():
-            os.environ["TRITON_INTERPRET"] = "1"
-        return {op: getattr(importlib.import_module(f"hal_cuda.op_{op}"), op) for op in OPS}
+        """Every op, bound to this instance's mode: its launches run under the Triton interpreter
+        when ``interpret`` is set, compiled for the GPU otherwise (:func:`hal_cuda._triton.mode`)."""
+        from hal_cuda._triton import in_mode
+        return {op: in_mode(getattr(importlib.import_module(f"hal_cuda.op_{op}"), op), self.interpret) for op in OPS}
 
     def benchmarks(self):
         from hal_cuda.bench import benchmarks
@@ -121,13 +136,13 @@ def _gdr_supports(q, *args, **kwargs):
     return unsupported_reason(q.shape[-1])
 
 
-def ep_note() -> str:
-    """How hal-cuda runs the expert-parallel ops, and why not through DeepEP."""
-    import importlib.util
-    deep_ep = ("deep_ep is importable, but HAL's DeepEP path is not built yet" if importlib.util.find_spec("deep_ep")
-               else "DeepEP not used: deep_ep is not importable")
+def ep_note(device_type: str = "cuda") -> str:
+    """How hal-cuda runs the expert-parallel ops: DeepEP's low-latency kernels where they fit
+    (:mod:`hal_cuda.ep_deepep`), else torch.distributed."""
+    from hal_cuda.ep_deepep import deepep_note
     return ("torch.distributed all_to_all_single over the tensors' device (NCCL on GPUs, gloo under the "
-            f"interpreter), bookkeeping on the device, one host read of the row counts per call; {deep_ep}")
+            "interpreter), bookkeeping on the device, one host read of the row counts per call; "
+            + deepep_note(device_type))
 
 
 def _float8():
@@ -149,7 +164,7 @@ def capability_table(cc) -> dict:
                                        "grouped GEMMs, combine")
     caps["fp8_gemm"] = OpCapability("native", ("float8_e4m3fn",), "cuBLAS block-scaled FP8 on SM90, Triton elsewhere")
     for op in EP_OPS:
-        caps[op] = OpCapability("native", FLOATS + ("float8_e4m3fn",), ep_note())
+        caps[op] = OpCapability("native", FLOATS + ("float8_e4m3fn",), ep_note("cpu" if cc is None else "cuda"))
     caps["fp8_linear"] = OpCapability("native", FLOATS, "fused Triton quantize + FP8 GEMM")
     caps["moe_experts"] = OpCapability("native", FLOATS + ("float8_e4m3fn",),
                                        "torch._grouped_mm (bf16, SM90) or the Triton grouped GEMM")

@@ -15,6 +15,7 @@ pytest.importorskip("hal_ascend", reason="hal-ascend is installed by ci/test.sh"
 from hal_ascend import ep_mc2, npu, schema  # noqa: E402
 
 from hal.spawn_ranks import run_ranks  # noqa: E402
+from ep_tokens import rank_tokens  # noqa: E402
 
 PKG = schema.torch_npu_dir()
 pytestmark = pytest.mark.skipif(PKG is None, reason="the torch-npu wheel (its schema yaml) is not installed; "
@@ -24,22 +25,8 @@ _RESULTS: dict = {}
 
 
 def _tokens(rank: int, world: int, dtype, H: int, seed: int):
-    """Rank ``rank``'s tokens: T = 0 on rank 1, else 2 + 3 rank; expert 5 never picked; a -1 slot."""
-    g = torch.Generator().manual_seed(seed * 100 + rank)
-    T, k = (0 if rank == 1 else 2 + 3 * rank), 3
-    pool = torch.tensor([0, 1, 2, 3, 4, 6, 7])
-    ids = torch.stack([pool[torch.randperm(7, generator=g)[:k]] for _ in range(T)]) if T else \
-        torch.empty(0, k, dtype=torch.int64)
-    ids = ids.to(torch.int32)
-    if T > 1:
-        ids[1, 0] = -1
-    x = torch.randn(T, H, generator=g)
-    scale = None
-    if dtype == torch.float8_e4m3fn:
-        x, scale = (x * 40).to(dtype), torch.rand(T, -(-H // 128), generator=g) + 0.5
-    else:
-        x = x.to(dtype)
-    return x, scale, ids, torch.rand(T, k, generator=g)
+    """Rank ``rank``'s tokens, top-3 (:func:`ep_tokens.rank_tokens`)."""
+    return rank_tokens(torch.Generator().manual_seed(seed * 100 + rank), rank, dtype, H, 3)
 
 
 def _rank(rank: int, world: int, plant: str = ""):

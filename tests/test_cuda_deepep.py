@@ -21,6 +21,7 @@ pytest.importorskip("hal_cuda", reason="hal-cuda is installed by ci/test.sh")
 pytest.importorskip("triton")
 
 from hal.spawn_ranks import run_ranks  # noqa: E402
+from ep_tokens import rank_tokens  # noqa: E402
 
 DOUBLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deep_ep_double")
 E = 8
@@ -38,25 +39,9 @@ def _use_double():
     return deep_ep, ep_deepep
 
 
-def _tokens(rank: int, dtype, H: int, k: int, seed: int, T=None, pool=(0, 1, 2, 3, 4, 6, 7)):
-    """Rank ``rank``'s tokens: T = 0 on rank 1 and 2 + 3 rank elsewhere unless given; expert 5
-    never chosen; a -1 slot."""
-    g = torch.Generator().manual_seed(1000 * seed + rank)
-    T = (0 if rank == 1 else 2 + 3 * rank) if T is None else T
-    pool = torch.tensor(pool)
-    pick = (lambda: torch.randperm(len(pool), generator=g)[:k]) if k <= len(pool) else \
-        (lambda: torch.randint(0, len(pool), (k,), generator=g))         # k > 7: some expert twice
-    ids = torch.stack([pool[pick()] for _ in range(T)]) if T else torch.empty(0, k, dtype=torch.int64)
-    ids = ids.to(torch.int32)
-    if T > 1:
-        ids[1, 0] = -1
-    x = torch.randn(T, H, generator=g)
-    scale = None
-    if dtype == torch.float8_e4m3fn:
-        x, scale = (x * 40).clamp(-448, 448).to(dtype), torch.rand(T, -(-H // 128), generator=g) + 0.5
-    else:
-        x = x.to(dtype)
-    return x, scale, ids, torch.rand(T, k, generator=g)
+def _tokens(rank: int, dtype, H: int, k: int, seed: int, T=None):
+    """Rank ``rank``'s tokens (:func:`ep_tokens.rank_tokens`), seeded by ``seed`` and the rank."""
+    return rank_tokens(torch.Generator().manual_seed(1000 * seed + rank), rank, dtype, H, k, T)
 
 
 def _expert_fn(rows, scale, source, dtype):

@@ -138,8 +138,7 @@ def make_bound_op(spec: OpSpec, kernel: Callable, *, supports: Optional[Callable
                            "_sync": sync_device, "_device_of": _device_of, "_Unsupported": UnsupportedCase,
                            "_backend": backend_name, "_op": spec.name, "_warn": _warn_once, "_seen": {},
                            "_checked": checked_mode, "_CV": _CHECKED_HERE, "_mode": checked,
-                           "_check_out": check_outputs, "_spec": spec, "_remember": validation_cache.remember,
-                           **validation_cache.absent_placeholders(spec)}
+                           "_check_out": check_outputs, "_spec": spec, "_remember": validation_cache.remember}
     env.update(spec.defaults_env())
     header = spec.header_source()
     first = params[0].name
@@ -150,23 +149,9 @@ def make_bound_op(spec: OpSpec, kernel: Callable, *, supports: Optional[Callable
     if checked is None:                # hal.contract.checked_mode(), inlined
         body += ["    _ck = _CV.get()", "    if _ck is None:", "        _ck = _checked()"]
     if validate:
-        tensors = validation_cache.tensors_source(spec)
-        body += [f"    if {ck}:", f"        _validate({call})", "    else:",
-                 "        _hit = False",
-                 "        try:",
-                 f"            _key = {validation_cache.key_source(spec)}",
-                 "            _gs = _seen.get(_key)",
-                 "            if _gs is not None:",
-                 "                for _g in _gs:",
-                 f"                    if _g.check({tensors}):",
-                 "                        _hit = True",
-                 "                        break",
-                 "        except Exception:",
-                 "            _key = None",
-                 "        if not _hit:",
-                 f"            _validate({call})",
-                 f"            if _key is not None and {first_device}.type != 'cpu':",
-                 f"                _remember(_seen, _key, ({tensors},))"]
+        body += _remembered_validation_source(spec, call, ck, first_device)
+        env.update({"_L": (validation_cache.never,) + (None,) * len(validation_cache.last_signature(spec)),
+                    "_immutable": validation_cache.all_immutable})
     if profile:
         body += [f"    _dev = _device_of(({first},), {{}})", "    _t0 = _perf()"]
     done = (["    _sync(_dev)", "    _entry.calls += 1", "    _entry.total_s += _perf() - _t0"] if profile else [])
@@ -183,12 +168,17 @@ def make_bound_op(spec: OpSpec, kernel: Callable, *, supports: Optional[Callable
         body.append("        return _out")
     body.append(f"    _out = _kernel({call})")
     body += done
-    body += [f"    if {ck}:",
-             f"        _check_out(_spec, _backend, _out, {{{', '.join(repr(p.name) + ': ' + p.name for p in params)}}})"]
+    check_out = f"_check_out(_spec, _backend, _out, {{{', '.join(repr(p.name) + ': ' + p.name for p in params)}}})"
+    if ck == "True":
+        body.append("    " + check_out)
+    elif ck != "False":
+        body += [f"    if {ck}:", "        " + check_out]
     body.append("    return _out")
     if checked is not None:            # this runtime's own checked mode, for everything the call does
         body = ["    _tok = _CV.set(_mode)", "    try:"] + ["    " + line for line in body] + \
                ["    finally:", "        _CV.reset(_tok)"]
+    if validate:
+        body.insert(0, "    global _L")
     src = f"def {spec.name}{header}:\n" + "\n".join(body) + "\n"
     exec(compile(src, f"<hal bound op {spec.name}>", "exec"), env)  # noqa: S102 - generated from the spec
     fn = env[spec.name]
@@ -197,6 +187,58 @@ def make_bound_op(spec: OpSpec, kernel: Callable, *, supports: Optional[Callable
     fn.__qualname__ = spec.name
     fn.__hal_source__ = src
     return fn
+
+
+def _remembered_validation_source(spec: OpSpec, call: str, ck: str, first_device: str) -> list[str]:
+    """The bound op's validation, as source lines: in checked mode validate every call; otherwise
+    skip validation when the call matches a remembered valid call signature
+    (:mod:`hal.validation_cache`).
+
+    Two lookups, cheapest first: the last signature that matched (its non-tensor parts compared
+    by identity, then its tensor guard), then every remembered signature of the call's non-tensor
+    key. ``_L`` (a module global of the generated function, replaced whole so that threads never
+    see half of one) holds the last match: its guard's ``check`` and the non-tensor parts. It is
+    only set when those parts are immutable objects, so "the same object" means "equal"."""
+    last = validation_cache.last_signature(spec)
+    names = ["_lc"] + [f"_l{i}" for i in range(len(last))]
+    same = " and ".join(f"{expr} is _l{i}" for i, (_, expr) in enumerate(last)) or "True"
+    parts = ", ".join(expr for _, expr in last)
+
+    def set_last(indent: str, guard: str) -> list[str]:
+        return [f"{indent}if _immutable({parts}):", f"{indent}    _L = ({guard}.check, {parts}{',' if parts else ''})"] \
+            if parts else [f"{indent}_L = ({guard}.check,)"]
+
+    if ck == "True":
+        return [f"    _validate({call})"]
+    remembered = [
+            "        _hit = False",
+            "        _key = None",
+            "        try:",
+            f"            {', '.join(names)}{',' if len(names) == 1 else ''} = _L",
+            f"            if {same}:",
+            *validation_cache.tensors_lines(spec, " " * 16),
+            "                _hit = _lc(*_ts)",
+            "            if not _hit:",
+            f"                _key = {validation_cache.key_source(spec)}",
+            "                _gs = _seen.get(_key)",
+            "                if _gs is not None:",
+            *validation_cache.tensors_lines(spec, " " * 20),
+            "                    for _g in _gs:",
+            "                        if _g.check(*_ts):",
+            "                            _hit = True",
+            *set_last(" " * 28, "_g"),
+            "                            break",
+            "        except Exception:",
+            "            _key = None",
+            "        if not _hit:",
+            f"            _validate({call})",
+            f"            if _key is not None and {first_device}.type != 'cpu':",
+            *validation_cache.tensors_lines(spec, " " * 16),
+            "                _g = _remember(_seen, _key, _ts)",
+            *set_last(" " * 16, "_g")]
+    if ck == "False":
+        return [line[4:] for line in remembered]
+    return [f"    if {ck}:", f"        _validate({call})", "    else:", *remembered]
 
 
 _warned: set = set()

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from hal.contract import CONTRACT
+from hal.validation_cache import tensor_guard
 
 GOAL_US = 2.0      # what contract validation may add per call (issue 12's goal; docs/perf.md)
 
@@ -44,6 +45,10 @@ def _null_kernel(*args, **kwargs):
     return None
 
 
+def _empty_call():
+    return None
+
+
 def meta_kernel(spec):
     """A kernel that returns outputs of the contract's shapes and dtypes on the "meta" device (no
     arithmetic): what the checked-mode output check needs to pass. Data-dependent extents are 0."""
@@ -60,13 +65,66 @@ def meta_kernel(spec):
     return kernel
 
 
-def _median_us(fn, number, repeat) -> float:
-    fn()
-    return statistics.median(_per_call_us(fn, number) for _ in range(repeat))
+def _interleaved_us(variants: dict, number: int, repeat: int) -> dict[str, list[float]]:
+    """Per variant, ``repeat`` per-call times (µs): round by round, each variant ``number`` times."""
+    for fn in variants.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeat):
+        for name, fn in variants.items():
+            times[name].append(_per_call_us(fn, number))
+    return times
+
+
+def _median_difference(times: dict, minuend: str, subtrahend: str) -> float:
+    """The median over rounds of ``minuend - subtrahend`` measured in the same round (drift cancels)."""
+    return statistics.median(a - b for a, b in zip(times[minuend], times[subtrahend]))
+
+
+def call_tensors(spec, args: tuple, kwargs: dict) -> tuple:
+    """The tensors a remembered call signature compares for this call (present ones, a
+    DispatchPlan as its four), in parameter order."""
+    from hal.contract import DispatchPlan
+    bound = spec.signature.bind(*args, **kwargs)
+    out = []
+    for value in bound.arguments.values():
+        if isinstance(value, DispatchPlan):
+            out += value.tensors()
+        elif isinstance(value, torch.Tensor):
+            out.append(value)
+    return tuple(out)
+
+
+def _variants(op: str, rt, rt_fast, rt_shaped, rt_checked, hal_ops) -> tuple[dict, tuple]:
+    """The timed calls for ``op`` (see :func:`measure_overhead`) and the tensors its guard compares."""
+    cpu_args, cpu_kwargs = tiny_args(op)
+    args = tuple(_on_meta(a) for a in cpu_args)
+    kwargs = {k: _on_meta(v) for k, v in cpu_kwargs.items()}
+    spec = CONTRACT[op]
+    tensors = call_tensors(spec, args, kwargs)
+    guard = tensor_guard(tensors)
+    bound, unvalidated, shaped, checked, via_ops = (getattr(r, op) for r in (rt, rt_fast, rt_shaped, rt_checked,
+                                                                               hal_ops))
+    return {
+        "bare": lambda: _null_kernel(*args, **kwargs),
+        "runtime": lambda: bound(*args, **kwargs),
+        "novalidate": lambda: unvalidated(*args, **kwargs),
+        "ops": lambda: via_ops(*args, **kwargs),
+        "validate": lambda: spec.validate(*args, **kwargs),
+        "validate_cpu": lambda: spec.validate(*cpu_args, **cpu_kwargs),
+        "shaped": lambda: shaped(*args, **kwargs),
+        "checked": lambda: checked(*args, **kwargs),
+        "guard": lambda: guard.check(*tensors),
+        "empty": _empty_call,
+    }, tensors
 
 
 def measure_overhead(ops=None, *, number: int = 2000, repeat: int = 15) -> list[dict]:
-    """Per op, the median per-call cost in µs of:
+    """Per op, the per-call cost in µs of the variants below, timed in interleaved rounds (in
+    each of ``repeat`` rounds every variant of every op runs ``number`` calls, so all ops see the
+    same mix of the machine's fast and slow spells). Plain costs are medians over rounds;
+    every ``*_overhead_us`` / added cost is the median over rounds of the difference between two
+    variants timed in the same round, so drift of the machine cancels:
 
     - ``bare``: a kernel that does nothing, called directly (the floor of a Python call);
     - ``runtime``: the same null kernel bound by a runtime (``rt.<op>``): contract validation of
@@ -80,6 +138,9 @@ def measure_overhead(ops=None, *, number: int = 2000, repeat: int = 15) -> list[
       returning meta outputs of the contract's shapes, bound with and without ``checked=True``);
     - ``validation_us``: what validation adds to a bound op: ``runtime`` - ``runtime_novalidate``
       (a remembered call signature checked; :mod:`hal.validation_cache`);
+    - ``guard_us``: the C++ comparison of this call's ``tensors`` (how many: present tensors, a
+      DispatchPlan as four) with a remembered signature, alone: the part of ``validation_us``
+      that grows with the number of tensors (about 0.3 µs each on the CI CPU);
     - ``goal_met``: whether ``validation_us`` is <= 2 µs (the issue's goal for contract validation;
       the totals ``runtime_overhead_us`` and ``ops_overhead_us`` are reported beside it).
 
@@ -104,27 +165,30 @@ def measure_overhead(ops=None, *, number: int = 2000, repeat: int = 15) -> list[
         rt_fast = hal.runtime("null-overhead", validate=False)
         rt_shaped = hal.runtime("meta-outputs-overhead", checked=False)
         rt_checked = hal.runtime("meta-outputs-overhead", checked=True)
+        names = list(ops or CONTRACT)
+        variants, tensors = {}, {}
+        for op in names:
+            per_op, tensors[op] = _variants(op, rt, rt_fast, rt_shaped, rt_checked, hal.ops)
+            variants.update({(op, v): fn for v, fn in per_op.items()})
+        times = _interleaved_us(variants, number, repeat)
         rows = []
-        for op in ops or list(CONTRACT):
-            cpu_args, cpu_kwargs = tiny_args(op)
-            args = tuple(_on_meta(a) for a in cpu_args)
-            kwargs = {k: _on_meta(v) for k, v in cpu_kwargs.items()}
-            spec = CONTRACT[op]
-            bare = _median_us(lambda: _null_kernel(*args, **kwargs), number, repeat)
-            bound = _median_us(lambda: getattr(rt, op)(*args, **kwargs), number, repeat)
-            unvalidated = _median_us(lambda: getattr(rt_fast, op)(*args, **kwargs), number, repeat)
-            via_ops = _median_us(lambda: getattr(hal.ops, op)(*args, **kwargs), number, repeat)
-            validate = _median_us(lambda: spec.validate(*args, **kwargs), number, repeat)
-            validate_cpu = _median_us(lambda: spec.validate(*cpu_args, **cpu_kwargs), number, repeat)
-            shaped = _median_us(lambda: getattr(rt_shaped, op)(*args, **kwargs), number, repeat)
-            checked = _median_us(lambda: getattr(rt_checked, op)(*args, **kwargs), number, repeat)
+        for op in names:
+            t = {v: times[(op, v)] for v in ("bare", "runtime", "novalidate", "ops", "validate", "validate_cpu",
+                                              "shaped", "checked", "guard", "empty")}
+            med = {name: statistics.median(v) for name, v in t.items()}
+            validation = _median_difference(t, "runtime", "novalidate")
             rows.append({
-                "op": op, "bare_us": bare, "runtime_us": bound, "ops_us": via_ops,
-                "runtime_overhead_us": bound - bare, "ops_overhead_us": via_ops - bare,
-                "runtime_novalidate_us": unvalidated, "runtime_novalidate_overhead_us": unvalidated - bare,
-                "validate_us": validate, "cpu_data_checks_us": max(validate_cpu - validate, 0.0),
-                "checked_outputs_us": max(checked - shaped, 0.0), "goal_us": GOAL_US,
-                "validation_us": bound - unvalidated, "goal_met": bound - unvalidated <= GOAL_US,
+                "op": op, "bare_us": med["bare"], "runtime_us": med["runtime"], "ops_us": med["ops"],
+                "runtime_overhead_us": _median_difference(t, "runtime", "bare"),
+                "ops_overhead_us": _median_difference(t, "ops", "bare"),
+                "runtime_novalidate_us": med["novalidate"],
+                "runtime_novalidate_overhead_us": _median_difference(t, "novalidate", "bare"),
+                "validate_us": med["validate"],
+                "cpu_data_checks_us": max(_median_difference(t, "validate_cpu", "validate"), 0.0),
+                "checked_outputs_us": max(_median_difference(t, "checked", "shaped"), 0.0),
+                "tensors": len(tensors[op]),
+                "guard_us": _median_difference(t, "guard", "empty"),
+                "goal_us": GOAL_US, "validation_us": validation, "goal_met": validation <= GOAL_US,
             })
         return rows
     finally:

@@ -139,3 +139,81 @@ def test_the_cache_is_bounded(guards, monkeypatch):
 
 def test_the_guard_kind_is_reported():
     assert validation_cache.guard_kind() in ("TensorGuards (C++)", "Python tuples")
+
+
+class _CountingDict(dict):
+    """The bound op's signature memory, counting lookups (the slow path of a remembered call)."""
+
+    lookups = 0
+
+    def get(self, key, default=None):
+        type(self).lookups += 1
+        return super().get(key, default)
+
+
+def test_the_last_signature_is_matched_without_a_lookup(guards, monkeypatch):
+    route, calls = _counting_op("moe_route")
+    monkeypatch.setattr(_CountingDict, "lookups", 0)
+    route.__globals__["_seen"] = _CountingDict()
+    x, bias, scale = meta(4, 8), meta(8), 2.5
+    route(x, top_k=2, correction_bias=bias, scaling_factor=scale)        # validated, remembered, last
+    after_first = _CountingDict.lookups
+    for _ in range(3):                                                    # same objects: no dict lookup
+        route(meta(4, 8), top_k=2, correction_bias=meta(8), scaling_factor=scale)
+    assert (len(calls), _CountingDict.lookups) == (1, after_first)
+    route(x, top_k=2, correction_bias=bias, scaling_factor=float("2.5"))  # equal, another object: a lookup
+    assert (len(calls), _CountingDict.lookups) == (1, after_first + 1)
+    route(x, top_k=2, scaling_factor=scale)                               # bias absent: new signature
+    assert len(calls) == 2
+    with pytest.raises(hal.ContractError, match="correction_bias"):       # last's values, other tensors
+        route(x, top_k=2, correction_bias=meta(7), scaling_factor=float("2.5"))
+
+
+def test_which_optional_tensor_is_present_is_part_of_the_last_signature(guards):
+    """seq_lens then state_indices: the same tensor metadata in the same position of the guard,
+    but a different call, so it is validated again."""
+    gdr, calls = _counting_op("gated_delta_rule")
+    B, T, H, D = 2, 3, 2, 4
+    q, k, v = meta(B, T, H, D), meta(B, T, H, D), meta(B, T, H, D)
+    g, beta, state = meta(B, T, H), meta(B, T, H), meta(B, H, D, D)
+    ints = meta(B, dtype=torch.int32)
+    gdr(q, k, v, g, beta, scale=0.5, initial_state=state, seq_lens=ints)
+    gdr(q, k, v, g, beta, scale=0.5, initial_state=state, seq_lens=ints)
+    assert len(calls) == 1
+    gdr(q, k, v, g, beta, scale=0.5, initial_state=state, state_indices=ints)
+    assert len(calls) == 2
+    with pytest.raises(hal.ContractError, match="state_indices"):        # indices without a state pool
+        gdr(q, k, v, g, beta, scale=0.5, state_indices=ints, seq_lens=ints)
+
+
+def test_only_immutable_values_are_compared_by_identity():
+    assert validation_cache.all_immutable(1, 2.0, True, "silu", None, torch.bfloat16, CONTRACT.__class__)
+    assert not validation_cache.all_immutable(1, [2])
+    assert not validation_cache.all_immutable(bytearray(b"x"))
+
+
+def test_threads_never_see_half_of_another_threads_last_signature(guards):
+    """One thread keeps a valid call remembered as the last signature while another makes a call
+    with the same tensors and an invalid value: the invalid one is refused every time."""
+    import threading
+    route, _ = _counting_op("moe_route")
+    x, bias = meta(4, 8), meta(8)
+    stop, refused, slipped = threading.Event(), [], []
+
+    def valid():
+        while not stop.is_set():
+            route(x, top_k=2, correction_bias=bias)
+
+    worker = threading.Thread(target=valid)
+    worker.start()
+    try:
+        for _ in range(2000):
+            try:
+                route(x, top_k=9, correction_bias=bias)          # more experts than the 8 there are
+                slipped.append(1)
+            except hal.ContractError:
+                refused.append(1)
+    finally:
+        stop.set()
+        worker.join()
+    assert (len(refused), len(slipped)) == (2000, 0)

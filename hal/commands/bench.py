@@ -84,7 +84,9 @@ def overhead(ops, number, repeat, as_json):
     The kernel is a null kernel on shape-only ("meta") tensors, so the difference is HAL's own
     cost: contract validation, the bound-op call and (hal.ops) the device-type lookup.
     "validation" is what validation adds to rt.<op> (rt_us minus the same runtime built with
-    validate=False); goal: <= 2 µs, each miss is named. "validate" is the contract check alone
+    validate=False, per round); goal: <= 2 µs, each miss is named. "guard" is the part of it
+    that is torch's C++ comparison of the call's "tensors" with a remembered signature (it grows
+    with their number; the rest is HAL's Python). "validate" is the contract check alone
     (what a call with a new signature pays once); "cpu_data_checks" the extra data-dependent
     checks (index ranges, finite scales) that run only on CPU tensors or with HAL_CHECKED=1.
     """
@@ -103,14 +105,16 @@ def overhead(ops, number, repeat, as_json):
         return
     click.echo(f"{'op':<20} {'bare_us':>8} {'rt_us':>7} {'ops_us':>7} {'rt_added':>9} {'ops_added':>10} "
                f"{'novalid_added':>13} {'validation':>10} {'validate':>9} {'cpu_data_checks':>16} "
-               f"{'checked_out':>12}  goal")
+               f"{'checked_out':>12} {'tensors':>7} {'guard':>6}  goal")
     for r in rows:
         click.echo(f"{r['op']:<20} {r['bare_us']:>8.2f} {r['runtime_us']:>7.2f} {r['ops_us']:>7.2f} "
                    f"{r['runtime_overhead_us']:>9.2f} {r['ops_overhead_us']:>10.2f} "
                    f"{r['runtime_novalidate_overhead_us']:>13.2f} {r['validation_us']:>10.2f} "
-                   f"{r['validate_us']:>9.2f} {r['cpu_data_checks_us']:>16.2f} {r['checked_outputs_us']:>12.2f}  "
+                   f"{r['validate_us']:>9.2f} {r['cpu_data_checks_us']:>16.2f} {r['checked_outputs_us']:>12.2f} "
+                   f"{r['tensors']:>7} {r['guard_us']:>6.2f}  "
                    + ("met" if r["goal_met"] else "MISSED"))
-    missed = [r["op"] for r in rows if not r["goal_met"]]
+    missed = [f"{r['op']} ({r['validation_us']:.2f} µs, {r['guard_us']:.2f} of it comparing {r['tensors']} tensors)"
+              for r in rows if not r["goal_met"]]
     from hal.validation_cache import guard_kind
     click.echo("goal: validation <= 2 µs per call: "
                + (f"MISSED by {', '.join(missed)}" if missed else f"met by all {len(rows)} ops")

@@ -53,8 +53,8 @@ def test_docs_contract_md_is_generated_and_current():
 
 
 def test_nothing_in_the_repository_points_outside_it():
-    out = subprocess.run(["git", "grep", "-n", "-I", "shared/SPEC", "--", ".", ":!tests/test_contract_source.py"],
-                         cwd=ROOT, capture_output=True, text=True)
+    outside = "/".join(("shared", "SPEC"))        # spelled apart so that this file does not match itself
+    out = subprocess.run(["git", "grep", "-n", "-I", outside, "--", "."], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout == "", out.stdout
 
 

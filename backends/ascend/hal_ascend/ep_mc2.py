@@ -143,6 +143,12 @@ def one_process(group: str) -> bool:
     return ep is None or ep.process_group is None
 
 
+def _chip_and_group_reason(soc: str, group: str) -> tuple[Optional[str], int]:
+    """(why MC2 cannot serve this chip or this EP group at all, or None; the group's size)."""
+    why = _soc_reason(soc)
+    return (why, 0) if why else _group_reason(group)
+
+
 def _group_reason(group: str) -> tuple[Optional[str], int]:
     from hal import distributed
     ep = distributed.get_ep_group(group)
@@ -164,10 +170,7 @@ def dispatch_supports(x, topk_ids, *, num_experts, group, x_scale, expert_map, s
     agreeing on it with the group."""
     if one_process(group):
         return None                  # no exchange: the reference's torch ops on the device (see ep_dispatch)
-    why = _soc_reason(soc)
-    if why:
-        return why
-    why, W = _group_reason(group)
+    why, W = _chip_and_group_reason(soc, group)
     if why:
         return why
     lim = _a3()
@@ -201,10 +204,7 @@ def combine_supports(expert_out, recv_source, topk_weights, *, group, soc="A3"):
     """None, or why ``ep_combine`` cannot run on MC2 within the contract's budget."""
     if one_process(group):
         return None
-    why = _soc_reason(soc)
-    if why:
-        return why
-    why, _ = _group_reason(group)
+    why, _ = _chip_and_group_reason(soc, group)
     if why:
         return why
     if expert_out.dtype not in MC2_DTYPES:

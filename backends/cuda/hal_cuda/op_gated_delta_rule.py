@@ -89,24 +89,36 @@ def _l2norm_rows(x, axis: tl.constexpr):
 
 
 @jit
+def _program_start(h0_ptr, idx_ptr, Hv, G, Dk, Dv, BLOCK_DK: tl.constexpr, BLOCK_V: tl.constexpr,
+                   HAS_STATE: tl.constexpr, HAS_INDEX: tl.constexpr):
+    """What both kernels' programs start from: program (b * Hv + h, value block) gives sequence b
+    (int64), value head h, its key head hk, the key / value channel ranges rk / rv, the offsets
+    of that state tile within one [Dk, Dv] state, and the tile of sequence b's initial state
+    (row ``idx[b]`` of the pool with HAS_INDEX; zeros without a state), fp32."""
+    bh = tl.program_id(0)
+    b = (bh // Hv).to(tl.int64)
+    h = bh % Hv
+    rk = tl.arange(0, BLOCK_DK)
+    rv = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    state_off = (rk[:, None] * Dv + rv[None, :]).to(tl.int64)
+    S = tl.zeros((BLOCK_DK, BLOCK_V), dtype=tl.float32)
+    if HAS_STATE:
+        row = tl.load(idx_ptr + b).to(tl.int64) if HAS_INDEX else b
+        S = tl.load(h0_ptr + (row * Hv + h) * Dk * Dv + state_off, mask=(rk < Dk)[:, None] & (rv < Dv)[None, :],
+                    other=0.0)
+    return b, h, h // G, rk, rv, state_off, S
+
+
+@jit
 def _gdr_chunk_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, idx_ptr, len_ptr, out_ptr, ht_ptr,
                       T, Hk, Hv, G, Dk, Dv, scale,
                       C: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_V: tl.constexpr, HAS_STATE: tl.constexpr,
                       HAS_INDEX: tl.constexpr, HAS_LENS: tl.constexpr, L2NORM: tl.constexpr,
                       PRECISION: tl.constexpr, FAULT: tl.constexpr):
-    bh = tl.program_id(0)
-    b = (bh // Hv).to(tl.int64)
-    h = bh % Hv
-    hk = h // G
-    rk = tl.arange(0, BLOCK_DK)
-    rv = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
-    rc = tl.arange(0, C)
+    b, h, hk, rk, rv, state_off, S = _program_start(h0_ptr, idx_ptr, Hv, G, Dk, Dv, BLOCK_DK, BLOCK_V, HAS_STATE,
+                                                    HAS_INDEX)
     mk, mv = rk < Dk, rv < Dv
-    state_off = (rk[:, None] * Dv + rv[None, :]).to(tl.int64)
-    S = tl.zeros((BLOCK_DK, BLOCK_V), dtype=tl.float32)
-    if HAS_STATE:
-        row = tl.load(idx_ptr + b).to(tl.int64) if HAS_INDEX else b
-        S = tl.load(h0_ptr + (row * Hv + h) * Dk * Dv + state_off, mask=mk[:, None] & mv[None, :], other=0.0)
+    rc = tl.arange(0, C)
     S_init = S
     n = tl.load(len_ptr + b).to(tl.int32) if HAS_LENS else T
     causal = rc[:, None] >= rc[None, :]
@@ -160,18 +172,9 @@ def _gdr_recurrent_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, h0_ptr, idx_ptr,
                           BLOCK_DK: tl.constexpr, BLOCK_V: tl.constexpr, PER_CHANNEL: tl.constexpr,
                           HAS_STATE: tl.constexpr, HAS_INDEX: tl.constexpr, HAS_LENS: tl.constexpr,
                           L2NORM: tl.constexpr, FAULT: tl.constexpr):
-    bh = tl.program_id(0)
-    b = (bh // Hv).to(tl.int64)
-    h = bh % Hv
-    hk = h // G
-    rk = tl.arange(0, BLOCK_DK)
-    rv = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    b, h, hk, rk, rv, state_off, S = _program_start(h0_ptr, idx_ptr, Hv, G, Dk, Dv, BLOCK_DK, BLOCK_V, HAS_STATE,
+                                                    HAS_INDEX)
     mk, mv = rk < Dk, rv < Dv
-    state_off = (rk[:, None] * Dv + rv[None, :]).to(tl.int64)
-    S = tl.zeros((BLOCK_DK, BLOCK_V), dtype=tl.float32)
-    if HAS_STATE:
-        row = tl.load(idx_ptr + b).to(tl.int64) if HAS_INDEX else b
-        S = tl.load(h0_ptr + (row * Hv + h) * Dk * Dv + state_off, mask=mk[:, None] & mv[None, :], other=0.0)
     n = tl.load(len_ptr + b).to(tl.int32) if HAS_LENS else T
     for t in range(0, n):
         tok = b * T + t

@@ -119,7 +119,7 @@ def _variants(op: str, rt, rt_fast, rt_shaped, rt_checked, hal_ops) -> tuple[dic
     }, tensors
 
 
-def measure_overhead(ops=None, *, number: int = 2000, repeat: int = 15) -> list[dict]:
+def measure_overhead(ops=None, *, number: int = 200, repeat: int = 40) -> list[dict]:
     """Per op, the per-call cost in µs of the variants below, timed in interleaved rounds (in
     each of ``repeat`` rounds every variant of every op runs ``number`` calls, so all ops see the
     same mix of the machine's fast and slow spells). Plain costs are medians over rounds;

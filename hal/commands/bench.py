@@ -75,8 +75,9 @@ def bench(ctx, backend_name, ops, dry, as_json):
 
 @bench.command()
 @click.option("--op", "ops", multiple=True, metavar="OP", help="Only these ops (repeatable).")
-@click.option("--number", default=2000, show_default=True, help="Calls per timing round.")
-@click.option("--repeat", default=15, show_default=True, help="Timing rounds (the median is reported).")
+@click.option("--number", default=200, show_default=True, help="Calls per timing round.")
+@click.option("--repeat", default=40, show_default=True,
+              help="Timing rounds; every variant of every op runs once per round (medians are reported).")
 @click.option("--json", "as_json", is_flag=True, help="Print results as JSON.")
 def overhead(ops, number, repeat, as_json):
     """Per-call overhead of rt.<op> and hal.ops.<op> over calling a kernel directly.

@@ -155,6 +155,35 @@ def key_source(spec) -> str:
     return "(" + "".join(part + ", " for part in parts) + ")"
 
 
+def _tensor_slots(spec) -> list[tuple[str, bool]]:
+    """``(expression, optional)`` for each tensor a guard may compare, in parameter order."""
+    slots = []
+    for p in spec.signature.parameters.values():
+        ann = str(p.annotation)
+        if "DispatchPlan" in ann:
+            slots += [(f"{p.name}.{f}", False) for f in ("hidden", "tokens_per_expert", "offsets", "source")]
+        elif "Tensor" in ann:
+            slots.append((p.name, "Optional" in ann or p.default is None))
+    return slots
+
+
+def guard_call_lines(spec, indent: str, check: str, result: str) -> list[str]:
+    """Source lines that set ``result`` to ``check(<the call's present tensors>)`` with no tuple
+    built: one branch per combination of present optional tensors (at most 2**4 here), each calling
+    ``check`` with its tensors directly. Same tensors, same order as :func:`tensors_lines`."""
+    slots = _tensor_slots(spec)
+
+    def tree(i: int, present: list[str], pad: str) -> list[str]:
+        if i == len(slots):
+            return [f"{pad}{result} = {check}({', '.join(present)})"]
+        expr, optional = slots[i]
+        if not optional:
+            return tree(i + 1, present + [expr], pad)
+        return ([f"{pad}if {expr} is None:"] + tree(i + 1, present, pad + "    ") +
+                [f"{pad}else:"] + tree(i + 1, present + [expr], pad + "    "))
+    return tree(0, [], indent)
+
+
 def tensors_lines(spec, indent: str) -> list[str]:
     """Source lines that set ``_ts`` to the tuple of the call's tensors a guard compares: every
     tensor argument in parameter order (a DispatchPlan as its four tensors), an optional tensor only

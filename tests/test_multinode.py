@@ -43,7 +43,8 @@ def test_two_nodes_of_two_ranks_give_the_single_process_tokens():
     assert len(printed) == 1, [out[:300] for out, _ in outs]          # global rank 0 alone prints
     got, want = printed[0], json.loads(one.stdout)
     assert got["world_size"] == 4 and got["tokens"] == want["tokens"]
-    assert outs[0][0].strip(), "global rank 0 runs on node 0"
+    # which node holds global rank 0 is the rendezvous's choice: torchrun's c10d backend numbers the
+    # nodes by sorted (host, agent pid, id), not by --node-rank, so either launch may be the one printing
 
 
 def test_more_than_one_node_needs_a_rendezvous_endpoint():

@@ -22,6 +22,6 @@ for name, folder in ROOTS.items():
 setup(
     packages=packages,
     package_dir=package_dir,
-    package_data={"": ["*.json", "*.md", "*.html", "*.txt"]},
+    package_data={"": ["*.json", "*.md", "*.html", "*.txt"], "hal": ["csrc/*.cpp"]},
     include_package_data=True,
 )

@@ -34,4 +34,7 @@ fi
 # tests/test_vllm_plugin.py runs hal-vllm (integrations/vllm) inside it. Built once (a few minutes),
 # then reused; where it cannot be built the reason is printed and that test skips with it.
 PYTHON="$PY" bash ci/vllm_env.sh || echo "ci/test.sh: the vLLM venv could not be built; tests/test_vllm_plugin.py will skip"
+# ... and HAL's compiled call-signature check (about a minute; cached per torch build): the tests of
+# validation run with it, TensorGuards and plain Python; without a C++ compiler its tests skip, saying why
+"$PY" -m hal.cli build-checks || echo "ci/test.sh: the compiled signature check could not be built; validation uses TensorGuards"
 "$PY" -m pytest -q --durations=20 "$@"

@@ -26,6 +26,7 @@ COMMANDS = {
     "conformance": "hal.commands.conformance:conformance",
     "bench": "hal.commands.bench:bench",
     "export": "hal.commands.export:export",
+    "build-checks": "hal.commands.build_checks:build_checks",
 }
 
 
@@ -38,6 +39,7 @@ SHORT_HELP = {
     "conformance": "Certify a backend against the reference (reports, golden vectors, models).",
     "bench": "Benchmarks: HAL's per-call overhead, a backend's kernels against baselines.",
     "export": "Export a model to ONNX (onnxruntime-runnable for GQA + MoE; DSA/FP8 as hal.* nodes).",
+    "build-checks": "Build the compiled call-signature check (C++): cheaper validation per call.",
 }
 
 

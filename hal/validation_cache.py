@@ -7,18 +7,18 @@ whose validation does not read tensor data are remembered (device tensors outsid
 see :func:`hal.contract.data_checks`), so a remembered signature is exactly as valid as the call
 that was checked.
 
-The tensor half is compared in C++ by ``torch._C._dynamo.guards.TensorGuards`` (what
-``torch.compile`` uses to decide whether a compiled graph still applies): one call compares all
-of a call's tensors, about 4 times cheaper on this project's CI CPU than building a Python tuple
-of ``(t.shape, t.dtype, t.device)`` per tensor and hashing it. Where that class is missing or does
-not behave as expected (checked once, at import), :class:`PythonTensorGuard` does the same
-comparison in Python.
+The tensor half is compared in one C call: by HAL's compiled check where ``hal build-checks``
+has built it for this torch (:mod:`hal.compiled_check`, about 0.04 µs per tensor on the CI CPU),
+else by ``torch._C._dynamo.guards.TensorGuards`` (what ``torch.compile`` uses to decide whether a
+compiled graph still applies; 0.2-0.45 µs per tensor, still about 4 times cheaper than building a
+Python tuple of ``(t.shape, t.dtype, t.device)`` per tensor and hashing it). Where that class is
+missing or does not behave as expected (checked once, at import), :class:`PythonTensorGuard` does
+the same comparison in Python.
 
 A bound op tries the last signature that matched first (:func:`last_signature`: its non-tensor
 parts compared by identity, which needs no key tuple and no dict lookup), then the signatures
-remembered for the call's non-tensor key (:func:`key_source`). The C++ comparison costs about
-0.2-0.45 µs per tensor on the CI CPU: ops with many tensors spend most of their validation there
-(``hal bench overhead``, columns ``tensors`` and ``guard``).
+remembered for the call's non-tensor key (:func:`key_source`). ``hal bench overhead`` shows the
+tensor comparison's share (columns ``tensors`` and ``guard``).
 """
 from __future__ import annotations
 
@@ -68,11 +68,49 @@ def _torch_guard_class():
 _TensorGuards = _torch_guard_class()
 
 
+class CompiledGuard:
+    """A guard whose ``check`` is :mod:`hal.compiled_check`'s C function bound to the signature."""
+
+    __slots__ = ("check",)
+
+    def __init__(self, check):
+        self.check = check
+
+
+_compiled_guard = None        # hal.compiled_check's signature_guard, once looked up
+_compiled_looked_up = False
+
+
+def _compiled():
+    """The compiled ``signature_guard`` when ``hal build-checks`` built it for this torch, else None
+    (looked up once per process; :func:`hal.compiled_check.load`)."""
+    global _compiled_guard, _compiled_looked_up
+    if not _compiled_looked_up:
+        from hal import compiled_check
+        module = compiled_check.load()           # never raises: an unusable build is None, with a reason
+        _compiled_guard = module.signature_guard if module is not None else None
+        _compiled_looked_up = True
+    return _compiled_guard
+
+
+def forget_compiled() -> None:
+    """Look the compiled check up again at the next guard (after a build)."""
+    global _compiled_looked_up
+    _compiled_looked_up = False
+
+
 def tensor_guard(tensors: Sequence[torch.Tensor]):
     """An object whose ``check(*tensors)`` is True for tensors with the same type, shape, strides,
-    dtype, device and dispatch keys as ``tensors`` (False for anything else, never raising for a
-    non-tensor). ``TensorGuards`` also refuses one tensor object passed twice (``k is v`` in MLA
-    attention), so such calls get the Python comparison, which ignores aliasing as validation does."""
+    dtype, device and requires_grad as ``tensors`` (False for anything else, never raising for a
+    non-tensor). The compiled check (:mod:`hal.compiled_check`) where it is built and takes these
+    tensors; else ``TensorGuards``, which also compares dispatch keys and refuses one tensor
+    object passed twice (``k is v`` in MLA attention), so such calls get the Python comparison,
+    which ignores aliasing as validation does."""
+    signature_guard = _compiled()
+    if signature_guard is not None:
+        check = signature_guard(*tensors)
+        if check is not None:
+            return CompiledGuard(check)
     if _TensorGuards is None or len({id(t) for t in tensors}) < len(tensors):
         return PythonTensorGuard(*tensors)
     return _TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
@@ -81,7 +119,10 @@ def tensor_guard(tensors: Sequence[torch.Tensor]):
 
 def guard_kind() -> str:
     """Which comparison this process uses (shown by ``hal bench overhead``)."""
-    return "TensorGuards (C++)" if _TensorGuards is not None else "Python tuples"
+    if _compiled() is not None:
+        return "HAL's compiled check (C++, hal build-checks)"
+    return ("TensorGuards (C++; `hal build-checks` builds HAL's cheaper compiled check)" if _TensorGuards is not None
+            else "Python tuples")
 
 
 def remember(seen: dict, key, tensors: tuple):

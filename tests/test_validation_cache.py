@@ -12,8 +12,15 @@ from hal.binding import make_bound_op
 from hal.contract import CONTRACT
 
 
-@pytest.fixture(params=["TensorGuards", "python"])
+@pytest.fixture(params=["compiled", "TensorGuards", "python"])
 def guards(request, monkeypatch):
+    if request.param == "compiled":
+        if validation_cache._compiled() is None:
+            from hal import compiled_check
+            pytest.skip(f"HAL's compiled check is not active: {compiled_check.status()['reason']}")
+        return request.param
+    monkeypatch.setattr(validation_cache, "_compiled_guard", None)
+    monkeypatch.setattr(validation_cache, "_compiled_looked_up", True)
     if request.param == "python":
         monkeypatch.setattr(validation_cache, "_TensorGuards", None)
     elif validation_cache._TensorGuards is None:
@@ -137,8 +144,12 @@ def test_the_cache_is_bounded(guards, monkeypatch):
     assert len(calls) == 6
 
 
-def test_the_guard_kind_is_reported():
-    assert validation_cache.guard_kind() in ("TensorGuards (C++)", "Python tuples")
+def test_the_guard_kind_is_reported(guards):
+    kind = validation_cache.guard_kind()
+    assert kind.startswith({"compiled": "HAL's compiled check", "TensorGuards": "TensorGuards",
+                            "python": "Python tuples"}[guards])
+    assert type(validation_cache.tensor_guard((meta(2, 3),))).__name__ == \
+        {"compiled": "CompiledGuard", "TensorGuards": "TensorGuards", "python": "PythonTensorGuard"}[guards]
 
 
 class _CountingDict(dict):

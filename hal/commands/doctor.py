@@ -14,6 +14,7 @@ from hal.commands._common import emit_json
 PACKAGES = ("hal", "hal-cuda", "hal-ascend", "torch", "triton", "torch-npu", "numpy", "pluggy", "click",
             "transformers", "safetensors", "tokenizers", "onnx", "onnxruntime")
 ENV_VARS = ("HAL_BACKEND", "HAL_BACKENDS", "HAL_CHECKED", "HAL_CUDA_INTERPRET", "HAL_ASCEND_EMULATE",
+            "HAL_COMPILED_CHECK", "HAL_EXTENSIONS_DIR",
             "TRITON_INTERPRET", "ASCEND_HOME_PATH", "LD_LIBRARY_PATH", "CUDA_VISIBLE_DEVICES")
 
 
@@ -33,8 +34,10 @@ def collect() -> dict:
         auto_error = None
     except hal.BackendUnavailable as exc:
         auto, auto_error = None, str(exc)
+    from hal import compiled_check
     return {
         "python": sys.version.split()[0], "platform": platform.platform(), "machine": platform.machine(),
+        "compiled_check": compiled_check.status(),
         "packages": versions, "env": {k: os.environ.get(k) for k in ENV_VARS if os.environ.get(k) is not None},
         "contract_version": hal.CONTRACT_VERSION, "backends": backends, "auto_backend": auto,
         "auto_error": auto_error,
@@ -61,6 +64,8 @@ def doctor(as_json: bool):
         for b in rep["backends"]:
             click.echo(f"backend {b['name']}: {b['status']}: {b['reason']}")
         click.echo(f"auto picks: {rep['auto_backend'] or rep['auto_error']}")
+        cc = rep["compiled_check"]
+        click.echo(f"compiled signature check: {'active' if cc['active'] else 'not active'}: {cc['reason']}")
         for name in broken:
             click.echo(f"backend {name} is broken: run `hal backends --traceback` for its traceback")
     if broken:

@@ -1,8 +1,8 @@
 """The bound ops' memory of validated calls: a call is validated once per call signature.
 
 A call signature is every non-tensor argument's value and type (``1 == 1.0 == True``), which
-optional tensors are absent, and, for every tensor present, its type, shape, strides, dtype,
-device and dispatch keys (grad mode, inference mode, requires_grad). Only calls
+optional tensors are absent, and, for every tensor present, its Python type, shape, strides,
+dtype, device and requires_grad (TensorGuards also compares its dispatch keys). Only calls
 whose validation does not read tensor data are remembered (device tensors outside checked mode:
 see :func:`hal.contract.data_checks`), so a remembered signature is exactly as valid as the call
 that was checked.
@@ -231,15 +231,11 @@ def tensors_lines(spec, indent: str) -> list[str]:
     when it is present. Absent ones need no guard entry: the non-tensor key (:func:`key_source`)
     records which are None, so one key always goes with one tensor count."""
     required, lines = [], []
-    for p in spec.signature.parameters.values():
-        ann = str(p.annotation)
-        if "DispatchPlan" in ann:
-            required += [f"{p.name}.{f}" for f in ("hidden", "tokens_per_expert", "offsets", "source")]
-        elif "Tensor" in ann:
-            if "Optional" in ann or p.default is None:
-                lines += [f"{indent}if {p.name} is not None:", f"{indent}    _ts += ({p.name},)"]
-            elif lines:
-                lines.append(f"{indent}_ts += ({p.name},)")
-            else:
-                required.append(p.name)
+    for expr, optional in _tensor_slots(spec):
+        if optional:
+            lines += [f"{indent}if {expr} is not None:", f"{indent}    _ts += ({expr},)"]
+        elif lines:
+            lines.append(f"{indent}_ts += ({expr},)")
+        else:
+            required.append(expr)
     return [f"{indent}_ts = ({''.join(r + ', ' for r in required)})"] + lines

@@ -86,8 +86,9 @@ def overhead(ops, number, repeat, as_json):
     cost: contract validation, the bound-op call and (hal.ops) the device-type lookup.
     "validation" is what validation adds to rt.<op> (rt_us minus the same runtime built with
     validate=False, per round); goal: <= 2 µs, each miss is named. "guard" is the part of it
-    that is torch's C++ comparison of the call's "tensors" with a remembered signature (it grows
-    with their number; the rest is HAL's Python). "validate" is the contract check alone
+    that is the C++ comparison of the call's "tensors" with a remembered signature (HAL's compiled
+    check after `hal build-checks`, else torch's TensorGuards, as the last line says; it grows with
+    their number; the rest is HAL's Python). "validate" is the contract check alone
     (what a call with a new signature pays once); "cpu_data_checks" the extra data-dependent
     checks (index ranges, finite scales) that run only on CPU tensors or with HAL_CHECKED=1.
     """

@@ -15,7 +15,7 @@ FP8_OPS = ("fp8_quantize", "fp8_quantize_weight", "fp8_gemm", "fp8_linear")
 FLOATS = ("float32", "bfloat16", "float16")
 
 
-def interpreting() -> bool:
+def interpret_default() -> bool:
     """The default of the backend's ``interpret`` option: ``HAL_CUDA_INTERPRET`` set (not "0")."""
     return os.environ.get("HAL_CUDA_INTERPRET", "") not in ("", "0")
 
@@ -39,7 +39,7 @@ class CudaBackend(Backend):
     def __init__(self, interpret: "bool | None" = None):
         super().__init__(version=distribution_version("hal-cuda"))
         self.interpret_from_env = interpret is None
-        self.interpret = interpreting() if interpret is None else bool(interpret)
+        self.interpret = interpret_default() if interpret is None else bool(interpret)
         self.device_type = "cpu" if self.interpret else "cuda"
 
     def with_options(self, *, interpret: "bool | None" = None, **unknown) -> "CudaBackend":
